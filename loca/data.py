@@ -1,0 +1,218 @@
+"""Image sources and the LOCA training data set.
+
+A source is anything with ``__len__``, ``load(i) -> uint8 (3, H, W)`` and ``name(i)``: a folder of images
+(searched recursively, class subfolders ignored) or the built-in default (random crops of the real photos that
+ship with scikit-image). Every sample's augmentation is seeded by (seed, epoch, index) alone, so runs are
+reproducible whatever the number of workers and a resumed run sees the same views as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torch.utils.data import Dataset
+
+from .config import Config
+from .views import make_views
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # above this PIL refuses (decompression-bomb guard)
+
+
+class DataError(RuntimeError):
+    """A user-facing data problem (names the file or folder)."""
+
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 RGB (H, W, 3): EXIF rotation applied; 16-bit and float images rescaled to their
+    range instead of clipped; palette, grayscale, RGBA and CMYK converted."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        arr = arr.astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(path: os.PathLike) -> torch.Tensor:
+    """Decode a file to uint8 (3, H, W). Raises on unreadable, truncated or non-image files."""
+    with Image.open(path) as img:
+        img.load()
+        arr = pil_to_rgb(img)
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+
+
+def list_images(root: os.PathLike) -> List[Path]:
+    """Image files under ``root`` by extension, recursively, sorted; symlinked folders are not followed (no
+    loops)."""
+    root = Path(root)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(Path(dirpath) / name)
+    return files
+
+
+class FolderSource:
+    """All readable images under a folder. Files whose header does not open are skipped with one warning
+    each at start-up; files that fail later (e.g. truncated data) are skipped when met."""
+
+    def __init__(self, root: os.PathLike):
+        root = Path(root)
+        if not root.exists():
+            raise DataError(f"--data {root}: no such file or folder")
+        candidates = [root] if root.is_file() else list_images(root)
+        self.files: List[Path] = []
+        self.skipped: List[str] = []
+        for path in candidates:
+            try:
+                with Image.open(path) as img:
+                    w, h = img.size
+                if w < 1 or h < 1:
+                    raise ValueError("empty image")
+                self.files.append(path)
+            except Exception as exc:  # noqa: BLE001 - any decode failure means "not an image"
+                self.skipped.append(str(path))
+                warnings.warn(f"skipping {path}: not a readable image ({type(exc).__name__}: {exc})",
+                              stacklevel=2)
+        if not self.files:
+            raise DataError(f"--data {root}: no readable image found (searched recursively for "
+                            f"{', '.join(sorted(IMAGE_EXTENSIONS))}; {len(self.skipped)} unreadable)")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, i: int) -> str:
+        return str(self.files[i])
+
+    def load(self, i: int) -> torch.Tensor:
+        return load_image(self.files[i])
+
+
+SKIMAGE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
+                  "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
+                  "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
+
+
+class BuiltinPhotos:
+    """The built-in default: ``count`` square random crops (seeded) of the real photos bundled with
+    scikit-image, resized to ``size`` px. Needs no download."""
+
+    def __init__(self, count: int, size: int, seed: int = 1234):
+        try:
+            import skimage.data
+        except ImportError:
+            raise DataError("the built-in default data needs scikit-image: pip install scikit-image") from None
+        folder = Path(skimage.data.__file__).parent
+        self.paths = [folder / name for name in SKIMAGE_PHOTOS if (folder / name).exists()]
+        if not self.paths:
+            raise DataError(f"no scikit-image sample photo found in {folder}")
+        self.count, self.size, self.seed = count, size, seed
+        self.skipped: List[str] = []
+        self._photos: Optional[List[torch.Tensor]] = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name(self, i: int) -> str:
+        return f"builtin:{i}"
+
+    def load(self, i: int) -> torch.Tensor:
+        if self._photos is None:  # decoded lazily, once per worker process
+            self._photos = [load_image(p) for p in self.paths]
+        rng = np.random.default_rng([self.seed, i])
+        photo = self._photos[int(rng.integers(len(self._photos)))]
+        _, h, w = photo.shape
+        side = int(rng.uniform(0.3, 1.0) * min(h, w))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = photo[:, y:y + side, x:x + side].float().unsqueeze(0)
+        crop = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear",
+                                               align_corners=False, antialias=True)
+        return crop[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def build_source(data: Optional[str], cfg: Config):
+    if data is None:
+        return BuiltinPhotos(cfg.run.builtin_images, size=2 * cfg.views.reference_size)
+    return FolderSource(data)
+
+
+class LOCADataset(Dataset):
+    """Maps a key ``epoch * len(source) + index`` to the views of that image, seeded by (seed, epoch, index).
+    An image that fails to decode is replaced by the next readable one and reported in ``skipped``."""
+
+    def __init__(self, source, cfg: Config, seed: int):
+        self.source, self.cfg, self.seed = source, cfg, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int) -> Dict:
+        n = len(self.source)
+        epoch, index = divmod(int(key), n)
+        skipped = []
+        for attempt in range(n):
+            i = (index + attempt) % n
+            try:
+                image = self.source.load(i)
+                break
+            except Exception as exc:  # noqa: BLE001
+                skipped.append(f"{self.source.name(i)} ({type(exc).__name__}: {exc})")
+        else:
+            raise DataError("no image of the data set could be decoded")
+        rng = np.random.default_rng([self.seed, epoch, index])
+        sample = make_views(image, self.cfg, rng)
+        sample["skipped"] = skipped
+        return sample
+
+
+def collate(samples: List[Dict]) -> Dict:
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "skipped"}
+    batch["skipped"] = [name for s in samples for name in s["skipped"]]
+    return batch
+
+
+class StepBatchSampler:
+    """Yields the keys of each step's batch, from ``start_step`` to ``total_steps``, over epochs. Epoch e
+    visits a permutation seeded by (seed, e); drop-last. With ``world_size`` > 1 each rank takes its slice of
+    the global batch, so the union over ranks is the single-process batch."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, start_step: int, total_steps: int,
+                 rank: int = 0, world_size: int = 1):
+        if global_batch > n:
+            raise DataError(f"optim.batch_size={global_batch} is larger than the data set ({n} images)")
+        if global_batch % world_size:
+            raise DataError(f"optim.batch_size={global_batch} is not divisible by the world size {world_size}")
+        self.n, self.batch, self.seed = n, global_batch, seed
+        self.start, self.total = start_step, total_steps
+        self.rank, self.world = rank, world_size
+        self.steps_per_epoch = n // global_batch
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        per_rank = self.batch // self.world
+        step = self.start
+        while step < self.total:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            perm = np.random.default_rng([self.seed, 7919, epoch]).permutation(self.n)
+            for s in range(offset, self.steps_per_epoch):
+                if step >= self.total:
+                    return
+                chunk = perm[s * self.batch:(s + 1) * self.batch]
+                mine = chunk[self.rank * per_rank:(self.rank + 1) * per_rank]
+                yield [int(epoch * self.n + i) for i in mine]
+                step += 1

@@ -1,0 +1,81 @@
+"""LOCA's loss terms as pure functions (official-implementation.md §3).
+
+Rows are query tokens; a label of -1 marks a token outside the reference (not in Omega): it has weight 0 in
+both cross-entropies but still counts in the me-max mean. Cross-rank statistics are exact under DDP: Sinkhorn's
+column sums are all-reduced, and me-max uses the global mean prediction with a gradient that DDP's averaging
+turns into the gradient of the global term.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def sinkhorn(probs: torch.Tensor, iters: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp as the official ``utils.sinkhorn``: starting from row-softmax probabilities (N, K),
+    ``iters`` times divide each column by its sum over all rows of all ranks, then each row by its sum."""
+    p = probs.float()
+    for _ in range(iters):
+        col = p.sum(dim=0, keepdim=True)
+        if _distributed():
+            dist.all_reduce(col)
+        p = p / col
+        p = p / p.sum(dim=1, keepdim=True)
+    return p
+
+
+def teacher_targets(teacher_logits: torch.Tensor, tau: float, iters: int) -> torch.Tensor:
+    """Cluster assignments of every reference token: Sinkhorn(softmax(cosines / tau)). (..., K) in, same out."""
+    shape = teacher_logits.shape
+    probs = torch.softmax(teacher_logits.detach().float().reshape(-1, shape[-1]) / tau, dim=-1)
+    return sinkhorn(probs, iters).reshape(shape)
+
+
+def localization_loss(position_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the reference position of each query token, summed over Omega / (|Omega| + 1e-8)."""
+    valid = labels >= 0
+    ce = F.cross_entropy(position_logits.float(), labels.clamp(min=0), reduction="none")
+    return (ce * valid).sum() / (valid.sum() + 1e-8)
+
+
+def cluster_loss(student_logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor,
+                 tau: float) -> torch.Tensor:
+    """Soft cross-entropy between the teacher's assignment of the matching reference patch and the student's
+    prediction at temperature tau, over Omega / (|Omega| + 1e-8)."""
+    valid = labels >= 0
+    ce = -(targets * F.log_softmax(student_logits.float() / tau, dim=-1)).sum(-1)
+    return (ce * valid).sum() / (valid.sum() + 1e-8)
+
+
+def global_mean(local_mean: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks, valued globally, with the local gradient: local + (global - local).detach().
+    Under DDP's gradient averaging this yields the exact gradient of a function of the global mean."""
+    if not _distributed():
+        return local_mean
+    total = local_mean.detach().clone()
+    dist.all_reduce(total)
+    total /= dist.get_world_size()
+    return local_mean + (total - local_mean.detach())
+
+
+def mean_prediction(student_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """p-bar: the global mean over all query tokens (inside Omega or not) of softmax(logits / tau)."""
+    return global_mean(torch.softmax(student_logits.float() / tau, dim=-1).mean(dim=0))
+
+
+def memax_loss(mean_probs: torch.Tensor) -> torch.Tensor:
+    """Negative entropy of the mean prediction, sum_k p_k log p_k (minimum -ln K at uniform use)."""
+    return (mean_probs * torch.log(mean_probs)).sum()
+
+
+def gather_targets(targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """For each query token of image b with label y, the reference target row targets[b, y] (labels of -1 read
+    row 0; their weight is 0). targets (B, N_ref, K), labels (B, M) -> (B, M, K)."""
+    index = labels.clamp(min=0).unsqueeze(-1).expand(-1, -1, targets.shape[-1])
+    return targets.gather(1, index)

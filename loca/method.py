@@ -1,0 +1,81 @@
+"""One LOCA forward pass on a batch of views: the teacher encodes the reference, the student the queries,
+and the three loss terms come out (official-implementation.md §3.5, without its wasted compute: the teacher
+runs neither the cross-attention nor the position head)."""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from .config import Config
+from .losses import (cluster_loss, gather_targets, localization_loss, mean_prediction, memax_loss,
+                     teacher_targets)
+from .model import LOCA
+
+
+def reference_keep(num_tokens: int, kept: int, structured: bool, device) -> torch.Tensor:
+    """m(Z_ref, eta): indices of the reference tokens the queries may attend to, shared by the batch.
+    Structured: one consecutive raster run at a uniform offset; unstructured: a uniform random subset."""
+    if structured:
+        offset = int(torch.randint(0, num_tokens - kept + 1, ()).item())
+        return torch.arange(offset, offset + kept, device=device)
+    return torch.randperm(num_tokens, device="cpu")[:kept].to(device)
+
+
+def loca_forward(student: LOCA, teacher: LOCA, batch: Dict[str, torch.Tensor],
+                 cfg: Config) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Returns the total loss and detached statistics (loss terms, accuracy, entropies)."""
+    lo = cfg.loss
+    reference = batch["reference"]
+    device = reference.device
+
+    with torch.no_grad():
+        teacher.train(cfg.model.drop_path > 0 and cfg.model.teacher_drop_path)
+        ref_tokens = teacher.encoder(reference)                              # (B, N_ref, C)
+        targets = teacher_targets(teacher.proj_head(ref_tokens), lo.tau_teacher, lo.sinkhorn_iters)
+        keep_ref = reference_keep(ref_tokens.shape[1], cfg.reference_kept,
+                                  lo.reference_mask == "structured", device)
+        ref_kv = ref_tokens[:, keep_ref]                                     # (B, kept, C)
+
+    tokens, labels = [], []
+    b = reference.shape[0]
+    if cfg.views.num_random_queries:
+        n = cfg.random_query_grid ** 2
+        keep = torch.randperm(n, device="cpu")[:cfg.random_query_kept].to(device)  # shared by the batch
+        tokens.append(student.encoder(batch["random_query"][:, 0], keep=keep))
+        labels.append(batch["random_labels"][:, 0][:, keep])
+    if cfg.views.num_focal_queries:
+        focal = batch["focal_query"].flatten(0, 1)                           # (B*Qf, 3, s, s)
+        tokens.append(student.encoder(focal).reshape(b, -1, student.encoder.width))
+        labels.append(batch["focal_labels"].reshape(b, -1))
+    # The cross-attention is per query token, so all queries of an image attend to its reference at once.
+    query_tokens = torch.cat(tokens, dim=1)                                  # (B, M, C)
+    query_labels = torch.cat(labels, dim=1)                                  # (B, M)
+
+    cluster_logits = student.proj_head(query_tokens).flatten(0, 1)          # (B*M, K) cosines
+    position_logits = student.position_logits(query_tokens, ref_kv).flatten(0, 1)
+    cluster_targets = gather_targets(targets, query_labels).flatten(0, 1)
+    flat_labels = query_labels.flatten()
+
+    loss_position = localization_loss(position_logits, flat_labels)
+    loss_cluster = cluster_loss(cluster_logits, cluster_targets, flat_labels, lo.tau_student)
+    mean_probs = mean_prediction(cluster_logits, lo.tau_student)
+    loss_memax = memax_loss(mean_probs)
+    loss = (lo.weight_position * loss_position + lo.weight_cluster * loss_cluster
+            + lo.weight_memax * loss_memax)
+
+    with torch.no_grad():
+        valid = flat_labels >= 0
+        correct = (position_logits.argmax(-1) == flat_labels) & valid
+        probs = torch.softmax(cluster_logits.float() / lo.tau_student, dim=-1)
+        stats = {
+            "loss": loss.detach(),
+            "loss_position": loss_position.detach(),
+            "loss_cluster": loss_cluster.detach(),
+            "loss_memax": loss_memax.detach(),
+            "correct": correct.sum().float(),
+            "valid": valid.sum().float(),
+            "cluster_entropy": -(mean_probs * torch.log(mean_probs)).sum().detach(),
+            "prediction_entropy": -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean(),
+        }
+    return loss, stats

@@ -1,0 +1,173 @@
+"""The LOCA network: a timm ``VisionTransformer`` encoder f (no class token), the projection head with
+weight-normalised prototypes Q, one cross-attention block g, a final norm and the position head W.
+
+Only the cross-attention block is hand-written (timm has no pre-norm block with separate query and key/value
+norms); everything else is timm's, so the encoder's weights load into ``timm.create_model``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp, get_act_layer, lecun_normal_, resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+from .config import Config
+
+GELU_TANH = "gelu_tanh"
+
+
+def timm_kwargs(cfg: Config) -> Dict:
+    """Arguments that rebuild the encoder with ``timm.create_model(name, **kwargs)`` or
+    ``VisionTransformer(**kwargs)``; stored in every ``backbone.safetensors``."""
+    m = cfg.model
+    return dict(img_size=cfg.views.reference_size, patch_size=m.patch_size, embed_dim=m.width, depth=m.depth,
+                num_heads=m.heads, mlp_ratio=m.mlp_ratio, class_token=False, global_pool="avg", fc_norm=False,
+                num_classes=0, act_layer=GELU_TANH, dynamic_img_size=True)
+
+
+def timm_model_name(cfg: Config) -> str:
+    """The closest timm registry name (its kwargs above override everything that differs)."""
+    by_width = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
+    size = by_width.get(cfg.model.width, "small")
+    return "vit_huge_patch14_224" if size == "huge" else f"vit_{size}_patch16_224"
+
+
+class Encoder(nn.Module):
+    """f: patch embedding + learned position embedding (bilinearly resized with antialiasing for other grids,
+    as the official JAX resize) + timm blocks + final norm. Optionally keeps only ``keep`` tokens, the same
+    for the whole batch, after the position embedding and before the blocks (the random query's drop)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.vit = VisionTransformer(drop_path_rate=cfg.model.drop_path, weight_init="skip", **timm_kwargs(cfg))
+        self.grid = tuple(self.vit.patch_embed.grid_size)
+
+    @property
+    def width(self) -> int:
+        return self.vit.embed_dim
+
+    def position_embedding(self, grid_hw) -> torch.Tensor:
+        return resample_abs_pos_embed(self.vit.pos_embed, new_size=list(grid_hw), old_size=list(self.grid),
+                                      num_prefix_tokens=0, interpolation="bilinear", antialias=True)
+
+    def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                use_pe: bool = True) -> torch.Tensor:
+        x = self.vit.patch_embed(images)  # (B, H, W, C) with dynamic_img_size
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)
+        if use_pe:
+            x = x + self.position_embedding((h, w))
+        if keep is not None:
+            x = x[:, keep]
+        if self.vit.grad_checkpointing and self.training:
+            from timm.models._manipulate import checkpoint_seq
+            x = checkpoint_seq(self.vit.blocks, x)
+        else:
+            x = self.vit.blocks(x)
+        return self.vit.norm(x)
+
+
+class ProjectionHead(nn.Module):
+    """Linear-GELU-Linear-GELU-Linear, L2-normalised bottleneck, then bias-free prototypes normalised at every
+    forward (weight norm with gain 1). Returns cosine similarities in [-1, 1]."""
+
+    def __init__(self, width: int, hidden: int, bottleneck: int, num_prototypes: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, bottleneck))
+        self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        z = self.mlp(tokens)
+        z = z / z.norm(dim=-1, keepdim=True)  # the official code adds no epsilon here
+        protos = self.prototypes / (self.prototypes.norm(dim=-1, keepdim=True) + 1e-10)
+        return z @ protos.t()
+
+
+class CrossAttentionBlock(nn.Module):
+    """g: x <- x + MHA(q=LN_q(x), k=v=LN_kv(kv)); x <- x + MLP(LN(x)). No stochastic depth (official)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm_q = nn.LayerNorm(width, eps=1e-6)
+        self.norm_kv = nn.LayerNorm(width, eps=1e-6)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = Mlp(width, int(width * mlp_ratio), act_layer=get_act_layer(GELU_TANH))
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        if kv.shape[1] > 0:  # eta = 1 leaves no reference token: the attention term is zero
+            d = c // self.heads
+            q = self.q(self.norm_q(x)).reshape(b, n, self.heads, d).transpose(1, 2)
+            k, v = self.kv(self.norm_kv(kv)).reshape(b, -1, 2, self.heads, d).permute(2, 0, 3, 1, 4)
+            attn = F.scaled_dot_product_attention(q, k, v)
+            x = x + self.proj(attn.transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp(self.norm2(x))
+
+
+class LOCA(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.model
+        self.encoder = Encoder(cfg)
+        self.proj_head = ProjectionHead(m.width, m.head_hidden, m.head_bottleneck, m.num_prototypes)
+        self.cross_block = CrossAttentionBlock(m.width, m.heads, m.mlp_ratio)
+        self.final_norm = nn.LayerNorm(m.width, eps=1e-6)
+        self.position_head = nn.Linear(m.width, cfg.num_reference_positions)
+        official_init_(self)
+
+    def position_logits(self, query_tokens: torch.Tensor, reference_tokens: torch.Tensor) -> torch.Tensor:
+        return self.position_head(self.final_norm(self.cross_block(query_tokens, reference_tokens)))
+
+
+def _xavier_blocks_(weight: torch.Tensor, blocks: int) -> None:
+    """Xavier-uniform init of a fused projection, each (out/blocks x in) block on its own, as Flax initialises
+    separate q, k and v kernels."""
+    for chunk in weight.chunk(blocks, dim=0):
+        nn.init.xavier_uniform_(chunk)
+
+
+@torch.no_grad()
+def official_init_(model: LOCA) -> None:
+    """The official initialisation (official-implementation.md §7 item 23)."""
+    vit = model.encoder.vit
+    lecun_normal_(vit.patch_embed.proj.weight)
+    nn.init.zeros_(vit.patch_embed.proj.bias)
+    nn.init.normal_(vit.pos_embed, std=1.0 / math.sqrt(vit.embed_dim))
+    for blk in vit.blocks:
+        _xavier_blocks_(blk.attn.qkv.weight, 3)
+        nn.init.zeros_(blk.attn.qkv.bias)
+        nn.init.xavier_uniform_(blk.attn.proj.weight)
+        nn.init.zeros_(blk.attn.proj.bias)
+        for fc in (blk.mlp.fc1, blk.mlp.fc2):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.normal_(fc.bias, std=1e-6)
+    g = model.cross_block
+    nn.init.xavier_uniform_(g.q.weight)
+    _xavier_blocks_(g.kv.weight, 2)
+    nn.init.xavier_uniform_(g.proj.weight)
+    for lin in (g.q, g.kv, g.proj):
+        nn.init.zeros_(lin.bias)
+    for fc in (g.mlp.fc1, g.mlp.fc2):
+        nn.init.xavier_uniform_(fc.weight)
+        nn.init.normal_(fc.bias, std=1e-6)
+    for layer in list(model.proj_head.mlp) + [model.position_head]:
+        if isinstance(layer, nn.Linear):
+            lecun_normal_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    protos = model.proj_head.prototypes
+    lecun_normal_(protos)
+    protos.div_(protos.norm(dim=-1, keepdim=True) + 1e-10)
+    for mod in model.modules():
+        if isinstance(mod, nn.LayerNorm):
+            nn.init.ones_(mod.weight)
+            nn.init.zeros_(mod.bias)

@@ -1,0 +1,234 @@
+"""LOCA pretraining: one explicit loop, read top to bottom.
+
+Reproducibility: every sample's views are seeded by (seed, epoch, index) and every step's own randomness
+(token drops, reference mask, stochastic depth) by (seed, step), so a run resumed from a checkpoint continues
+exactly as the uninterrupted run would have (on CPU, bit for bit).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from .checkpoint import export_backbone, load_checkpoint, save_checkpoint
+from .config import Config, dump_config
+from .data import LOCADataset, StepBatchSampler, build_source, collate
+from .method import loca_forward
+from .model import LOCA
+from .schedules import ema_momentum, learning_rate
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name}: CUDA is not available on this machine (torch "
+                            f"{torch.__version__}); use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TrainingError("--device mps: Apple-silicon MPS is not available on this machine")
+    return torch.device(name)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW with weight decay on every parameter that is not 1-D (biases and norms are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim != 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim == 1]
+    o = cfg.optim
+    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=0.0, betas=tuple(o.betas), eps=o.eps)
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """theta_teacher <- m * theta_teacher + (1 - m) * theta_student, over every parameter."""
+    t = [p for p in teacher.parameters()]
+    s = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + 17) % (2 ** 63)
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.run.device)
+    seed = cfg.run.seed
+
+    source = build_source(data, cfg)
+    dataset = LOCADataset(source, cfg, seed)
+    batch = cfg.optim.batch_size
+    if batch > len(dataset):
+        raise TrainingError(f"optim.batch_size={batch} is larger than the data set ({len(dataset)} images "
+                            f"in {data or 'the built-in default'}); lower it, e.g. optim.batch_size="
+                            f"{max(1, len(dataset) // 2)}")
+    steps_per_epoch = len(dataset) // batch
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    stop_step = min(total_steps, cfg.run.max_steps or total_steps)
+
+    torch.manual_seed(seed)
+    student = LOCA(cfg).to(device)
+    teacher = copy.deepcopy(student)  # a copy, not an alias: updated only by the EMA
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    optimizer = build_optimizer(student, cfg)
+
+    ckpt_path = out / "checkpoints" / "last.pt"
+    start_step = 0
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, map_location=device)
+        if state["config"].get("model") != cfg.to_dict()["model"]:
+            saved, now = state["config"]["model"], cfg.to_dict()["model"]
+            diff = [f"model.{k}: {saved.get(k)} -> {now.get(k)}" for k in now if saved.get(k) != now.get(k)]
+            raise TrainingError(f"{ckpt_path}: its architecture differs from this config ({'; '.join(diff)}); "
+                                f"use another --out or the same config")
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        if state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+        log(f"resuming from {ckpt_path} at step {start_step}")
+    dump_config(cfg, out / "config.yaml")
+
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start_step)
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    sampler = StepBatchSampler(len(dataset), batch, seed, start_step, stop_step)
+    workers = cfg.run.workers
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if cfg.run.precision == "bf16" else contextlib.nullcontext())
+    interactive = sys.stderr.isatty()
+    progress = None
+    if interactive and stop_step > start_step:
+        from tqdm import tqdm
+        progress = tqdm(total=stop_step, initial=start_step, unit="step", dynamic_ncols=True)
+    log(f"pretraining {stop_step - start_step} steps ({start_step} done of {total_steps}; {steps_per_epoch} "
+        f"per epoch, batch {batch}, peak lr {cfg.peak_lr:.3g}) on {device}, {cfg.run.precision}, "
+        f"{len(dataset)} images from {data or 'the built-in default (scikit-image photos)'}")
+
+    skipped_seen = set(getattr(source, "skipped", []))
+    step = start_step
+    window_start, window_images = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    student.train()
+    with metrics_path.open("a") as metrics_file:
+        for views in loader:
+            for name in views.pop("skipped"):
+                if name not in skipped_seen:
+                    skipped_seen.add(name)
+                    warnings.warn(f"skipping unreadable image {name}", stacklevel=1)
+            views = {k: v.to(device, non_blocking=True) for k, v in views.items()}
+
+            torch.manual_seed(step_seed(seed, step))
+            lr = learning_rate(step, cfg.peak_lr, total_steps, warmup_steps, cfg.optim.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                loss, stats = loca_forward(student, teacher, views, cfg)
+            terms = {k: float(stats[k]) for k in ("loss_position", "loss_cluster", "loss_memax")}
+            bad = [k for k, v in terms.items() if not math.isfinite(v)]
+            if bad:
+                raise TrainingError(
+                    f"non-finite {', '.join(bad)} at step {step + 1} ({terms}); no checkpoint was written "
+                    f"after the last good one. Try a lower optim.lr, --precision fp32 or a larger batch.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip))
+            if not math.isfinite(grad_norm):
+                raise TrainingError(f"non-finite gradient norm at step {step + 1} (loss {float(loss):.4g}); "
+                                    f"no checkpoint written. Try a lower optim.lr or --precision fp32.")
+            optimizer.step()
+            momentum = ema_momentum(step, total_steps, cfg.optim.momentum_start)
+            ema_update(teacher, student, momentum)
+            step += 1
+            window_images += batch
+
+            if step % cfg.run.log_every == 0 or step == stop_step:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr, "momentum": momentum,
+                    "loss": float(stats["loss"]), **terms,
+                    "position_accuracy": float(stats["correct"] / stats["valid"].clamp_min(1)),
+                    "cluster_entropy": float(stats["cluster_entropy"]),
+                    "prediction_entropy": float(stats["prediction_entropy"]),
+                    "grad_norm": grad_norm,
+                    "images_per_second": window_images / max(elapsed, 1e-9),
+                }
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                for k, v in record.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}", v, step)
+                window_start, window_images = time.perf_counter(), 0
+                if progress is not None:
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", pos=f"{record['loss_position']:.3f}",
+                                         clu=f"{record['loss_cluster']:.3f}",
+                                         acc=f"{record['position_accuracy']:.3f}")
+                else:
+                    done = step - start_step
+                    eta = (time.perf_counter() - run_start) / done * (stop_step - step)
+                    log(f"step {step}/{stop_step} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
+                        f"(position {terms['loss_position']:.4f}, cluster {terms['loss_cluster']:.4f}, "
+                        f"me-max {terms['loss_memax']:.4f}) accuracy {record['position_accuracy']:.3f} "
+                        f"lr {lr:.3g} {record['images_per_second']:.1f} img/s ETA {_format_eta(eta)}")
+            if progress is not None:
+                progress.update(1)
+            if step % cfg.run.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_step:
+                save_checkpoint(ckpt_path, student, teacher, optimizer, step, cfg)
+    if progress is not None:
+        progress.close()
+    writer.close()
+    if step > start_step or not (out / "backbone.safetensors").exists():
+        export_backbone(out / "backbone.safetensors", teacher, cfg, "teacher", step)
+    n_skipped = len(skipped_seen)
+    if n_skipped:
+        log(f"skipped {n_skipped} unreadable image(s) in total")
+    log(f"done: step {step} of {total_steps}. Results in {out}: config.yaml, metrics.jsonl, tensorboard/, "
+        f"checkpoints/last.pt, backbone.safetensors")
+    return {"step": step, "total_steps": total_steps, "skipped": n_skipped, "out": str(out)}
+
+
+def _truncate_metrics(path: Path, keep_until: int) -> None:
+    """Drop metric lines past the checkpoint we resume from (they will be recomputed identically)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = []
+    for ln in lines:
+        try:
+            if json.loads(ln).get("step", 0) <= keep_until:
+                kept.append(ln)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    path.write_text("".join(ln + "\n" for ln in kept))
