@@ -70,8 +70,9 @@ def mean_prediction(student_logits: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def memax_loss(mean_probs: torch.Tensor) -> torch.Tensor:
-    """Negative entropy of the mean prediction, sum_k p_k log p_k (minimum -ln K at uniform use)."""
-    return (mean_probs * torch.log(mean_probs)).sum()
+    """Negative entropy of the mean prediction, sum_k p_k log p_k (minimum -ln K at uniform use). The clamp only
+    acts on probabilities below 1e-30 (where the official code would return NaN)."""
+    return (mean_probs * torch.log(mean_probs.clamp_min(1e-30))).sum()
 
 
 def gather_targets(targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ def loca_forward(student: LOCA, teacher: LOCA, batch: Dict[str, torch.Tensor],
             "loss_memax": loss_memax.detach(),
             "correct": correct.sum().float(),
             "valid": valid.sum().float(),
-            "cluster_entropy": -(mean_probs * torch.log(mean_probs)).sum().detach(),
+            "cluster_entropy": -loss_memax.detach(),
             "prediction_entropy": -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean(),
         }
     return loss, stats
