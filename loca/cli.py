@@ -76,7 +76,13 @@ def main(argv=None) -> int:
     v.add_argument("--which", default="teacher", choices=["teacher", "student"],
                    help="which encoder goes into backbone.safetensors (default teacher = ema_params)")
 
-    args = parser.parse_args(argv)
+    # Overrides may sit anywhere among the flags: argparse takes only the first run of them, so collect the rest.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", [])) + extra
     if args.command is None:
         parser.print_help()
         return 0

@@ -121,7 +121,7 @@ def test_malicious_checkpoint_is_refused(tmp_path):
 def test_cli_pretrain_and_errors(tmp_path, capsys):
     run = tmp_path / "cli"
     assert main(["pretrain", "--config", "cpu_tiny", "--out", str(run), "--max-steps", "2", "--seed", "3",
-                 "--workers", "0", "--device", "cpu", "run.builtin_images=16"]) == 0
+                 "run.log_every=1", "--workers", "0", "--device", "cpu", "run.builtin_images=16"]) == 0
     assert [r["step"] for r in _metrics(run)] == [1, 2]
     assert "seed: 3" in (run / "config.yaml").read_text()
     assert main(["pretrain", "--config", "cpu_tiny", "--out", str(tmp_path / "x"), "model.depht=2"]) == 2
