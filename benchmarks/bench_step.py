@@ -137,10 +137,16 @@ def main() -> None:
         return
 
     rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
-    rows = []
+    from loca.train import cpu_has_fast_bf16
+    fast_bf16 = cpu_has_fast_bf16()
+    rows, skipped = [], []
     for spec in args.configs.split(","):
         preset, batch = spec.split(":")
         for precision in args.precisions.split(","):
+            if precision == "bf16" and not fast_bf16 and preset != "cpu_demo":
+                skipped.append(f"{preset} bf16: skipped, this CPU has no native bf16 (emulated bf16 is many "
+                               f"times slower than fp32; see the cpu_demo bf16 row)")
+                continue
             out = subprocess.run([sys.executable, __file__, "--child", preset, batch, precision, str(args.steps),
                                   "--budget", str(args.budget)], capture_output=True, text=True)
             if out.returncode != 0:
@@ -151,10 +157,10 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row))
     view_rows = {p.split(":")[0]: views_rate(p.split(":")[0]) for p in args.configs.split(",")}
-    write_report(Path(args.out), rates, rows, view_rows)
+    write_report(Path(args.out), rates, rows, view_rows, skipped)
 
 
-def write_report(path: Path, rates, rows, view_rows) -> None:
+def write_report(path: Path, rates, rows, view_rows, skipped=()) -> None:
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
@@ -179,6 +185,7 @@ def write_report(path: Path, rates, rows, view_rows) -> None:
         lines.append(f"| {r['preset']} | {r['batch']} | {r['precision']} | {r['step_s']:.3f} | "
                      f"{r['images_per_s']:.1f} | {r['gflop_per_image']:.2f} | {r['achieved_gflops']:.0f} | "
                      f"{100 * r['fraction_of_matmul']:.0f} % | {r['peak_rss_gb']:.2f} |")
+    lines += [""] + [f"- {note}" for note in skipped] if skipped else []
     lines += ["", "Where the time goes (share of self CPU time in one profiled step, top ops):", ""]
     for r in rows:
         ops = ", ".join(f"{k} {v} %" for k, v in r["where_time_goes"])

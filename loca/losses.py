@@ -20,13 +20,13 @@ def _distributed() -> bool:
 def sinkhorn(probs: torch.Tensor, iters: int = 3) -> torch.Tensor:
     """Sinkhorn-Knopp as the official ``utils.sinkhorn``: starting from row-softmax probabilities (N, K),
     ``iters`` times divide each column by its sum over all rows of all ranks, then each row by its sum."""
-    p = probs.float()
-    for _ in range(iters):
+    p = probs.float().clone()
+    for _ in range(iters):  # in place: the (N, K) matrix is the largest tensor of the step at K = 4096
         col = p.sum(dim=0, keepdim=True)
         if _distributed():
             dist.all_reduce(col)
-        p = p / col
-        p = p / p.sum(dim=1, keepdim=True)
+        p.div_(col)
+        p.div_(p.sum(dim=1, keepdim=True))
     return p
 
 
@@ -44,12 +44,16 @@ def localization_loss(position_logits: torch.Tensor, labels: torch.Tensor) -> to
     return (ce * valid).sum() / (valid.sum() + 1e-8)
 
 
-def cluster_loss(student_logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor,
-                 tau: float) -> torch.Tensor:
+def student_log_probs(student_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """log softmax(cosines / tau), computed once and shared by the cluster loss, me-max and the metrics."""
+    return F.log_softmax(student_logits.float() / tau, dim=-1)
+
+
+def cluster_loss(log_probs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Soft cross-entropy between the teacher's assignment of the matching reference patch and the student's
-    prediction at temperature tau, over Omega / (|Omega| + 1e-8)."""
+    prediction (``log_probs`` from :func:`student_log_probs`), over Omega / (|Omega| + 1e-8)."""
     valid = labels >= 0
-    ce = -(targets * F.log_softmax(student_logits.float() / tau, dim=-1)).sum(-1)
+    ce = -(targets * log_probs).sum(-1)
     return (ce * valid).sum() / (valid.sum() + 1e-8)
 
 
@@ -64,9 +68,9 @@ def global_mean(local_mean: torch.Tensor) -> torch.Tensor:
     return local_mean + (total - local_mean.detach())
 
 
-def mean_prediction(student_logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """p-bar: the global mean over all query tokens (inside Omega or not) of softmax(logits / tau)."""
-    return global_mean(torch.softmax(student_logits.float() / tau, dim=-1).mean(dim=0))
+def mean_prediction(log_probs: torch.Tensor) -> torch.Tensor:
+    """p-bar: the global mean over all query tokens (inside Omega or not) of the student's prediction."""
+    return global_mean(log_probs.exp().mean(dim=0))
 
 
 def memax_loss(mean_probs: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from .config import Config
 from .losses import (cluster_loss, gather_targets, localization_loss, mean_prediction, memax_loss,
-                     teacher_targets)
+                     student_log_probs, teacher_targets)
 from .model import LOCA
 
 
@@ -58,8 +58,9 @@ def loca_forward(student: LOCA, teacher: LOCA, batch: Dict[str, torch.Tensor],
     flat_labels = query_labels.flatten()
 
     loss_position = localization_loss(position_logits, flat_labels)
-    loss_cluster = cluster_loss(cluster_logits, cluster_targets, flat_labels, lo.tau_student)
-    mean_probs = mean_prediction(cluster_logits, lo.tau_student)
+    log_probs = student_log_probs(cluster_logits, lo.tau_student)
+    loss_cluster = cluster_loss(log_probs, cluster_targets, flat_labels)
+    mean_probs = mean_prediction(log_probs)
     loss_memax = memax_loss(mean_probs)
     loss = (lo.weight_position * loss_position + lo.weight_cluster * loss_cluster
             + lo.weight_memax * loss_memax)
@@ -67,7 +68,6 @@ def loca_forward(student: LOCA, teacher: LOCA, batch: Dict[str, torch.Tensor],
     with torch.no_grad():
         valid = flat_labels >= 0
         correct = (position_logits.argmax(-1) == flat_labels) & valid
-        probs = torch.softmax(cluster_logits.float() / lo.tau_student, dim=-1)
         stats = {
             "loss": loss.detach(),
             "loss_position": loss_position.detach(),
@@ -76,6 +76,6 @@ def loca_forward(student: LOCA, teacher: LOCA, batch: Dict[str, torch.Tensor],
             "correct": correct.sum().float(),
             "valid": valid.sum().float(),
             "cluster_entropy": -loss_memax.detach(),
-            "prediction_entropy": -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean(),
+            "prediction_entropy": -(log_probs.exp() * log_probs).sum(-1).mean(),
         }
     return loss, stats

@@ -3,7 +3,7 @@ import math
 import torch
 
 from loca.losses import (cluster_loss, gather_targets, localization_loss, mean_prediction, memax_loss,
-                         sinkhorn, teacher_targets)
+                         sinkhorn, student_log_probs, teacher_targets)
 
 
 def test_sinkhorn_marginals():
@@ -31,11 +31,11 @@ def test_teacher_targets_shape_and_rows():
 
 def test_memax_uniform_and_collapsed():
     k = 64
-    uniform = mean_prediction(torch.zeros(100, k), tau=0.1)
+    uniform = mean_prediction(student_log_probs(torch.zeros(100, k), tau=0.1))
     assert math.isclose(float(memax_loss(uniform)), -math.log(k), rel_tol=1e-6)
     collapsed = torch.full((100, k), -1.0)
     collapsed[:, 3] = 1.0                                                         # every token on prototype 3
-    value = float(memax_loss(mean_prediction(collapsed, tau=0.01)))
+    value = float(memax_loss(mean_prediction(student_log_probs(collapsed, tau=0.01))))
     assert -1e-3 < value <= 0.0
 
 
@@ -49,16 +49,16 @@ def test_losses_ignore_tokens_outside_omega():
     garbage[labels < 0] = 1e4                                                     # rows outside Omega
     torch.testing.assert_close(localization_loss(garbage, labels), expected)
     targets = torch.softmax(torch.randn(6, 10), -1)
-    c1 = cluster_loss(logits, targets, labels, 0.1)
+    c1 = cluster_loss(student_log_probs(logits, 0.1), targets, labels)
     targets2 = targets.clone()
     targets2[labels < 0] = 0.0
-    torch.testing.assert_close(c1, cluster_loss(logits, targets2, labels, 0.1))
+    torch.testing.assert_close(c1, cluster_loss(student_log_probs(logits, 0.1), targets2, labels))
 
 
 def test_all_outside_omega_gives_zero_not_nan():
     logits = torch.randn(4, 5, requires_grad=True)
     labels = torch.full((4,), -1)
-    loss = localization_loss(logits, labels) + cluster_loss(logits, torch.rand(4, 5), labels, 0.1)
+    loss = localization_loss(logits, labels) + cluster_loss(student_log_probs(logits, 0.1), torch.rand(4, 5), labels)
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.isfinite(logits.grad).all()
 

@@ -9,7 +9,7 @@ from conftest import fixture_path
 from loca.convert import flatten, flax_to_state_dict, infer_config, read_flax_msgpack
 from loca.geometry import correspondence
 from loca.losses import (cluster_loss, gather_targets, localization_loss, mean_prediction, memax_loss,
-                         sinkhorn)
+                         sinkhorn, student_log_probs)
 from loca.model import LOCA
 from loca.schedules import ema_momentum, learning_rate
 
@@ -156,8 +156,9 @@ def test_losses_sinkhorn_and_gradients():
     close(gathered[valid], d["cluster_targets_gathered"][valid.numpy()])
 
     l_loc = localization_loss(position, labels)
-    l_clu = cluster_loss(student, gathered, labels, tau_s)
-    pbar = mean_prediction(student, tau_s)
+    log_probs = student_log_probs(student, tau_s)
+    l_clu = cluster_loss(log_probs, gathered, labels)
+    pbar = mean_prediction(log_probs)
     l_mm = memax_loss(pbar)
     close(pbar, d["avg_prediction"])
     close(l_loc, d["localization_loss"])
@@ -186,3 +187,15 @@ def test_schedules_match_official():
         np.testing.assert_allclose(lr, row["lr_closed_form_f64"], rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(m, row["momentum"], atol=2e-7)
         np.testing.assert_allclose(m, row["momentum_closed_form_f64"], atol=1e-12)
+
+
+def test_released_head_name_output_projection_is_accepted(official_model):
+    from loca.convert import _normalise_names
+    model, params, _ = official_model
+    renamed = {k.replace("projection_head_for_clustering_prediction", "output_projection"): v
+               for k, v in params.items()}
+    renamed = {f"Transformer/{k}" if k.startswith("encoderblock_") else k: v for k, v in renamed.items()}
+    sd, missing = flax_to_state_dict(_normalise_names(renamed), infer_config(_normalise_names(renamed)),
+                                     model.state_dict())
+    assert missing == []
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
