@@ -160,6 +160,11 @@ def main() -> None:
     write_report(Path(args.out), rates, rows, view_rows, skipped)
 
 
+def fast_bf16_note() -> bool:
+    from loca.train import cpu_has_fast_bf16
+    return cpu_has_fast_bf16()
+
+
 def write_report(path: Path, rates, rows, view_rows, skipped=()) -> None:
     cpu = platform.processor() or platform.machine()
     try:
@@ -175,8 +180,9 @@ def write_report(path: Path, rates, rows, view_rows, skipped=()) -> None:
         "synthetic views (data loading excluded); median of the timed steps; a full step = forward, backward, "
         "clipping, AdamW and the EMA update.",
         "",
-        f"Matmul throughput measured in the same run (2048^3): fp32 **{rates['fp32'] / 1e9:.0f} GFLOP/s**, "
-        f"bf16 **{rates['bf16'] / 1e9:.0f} GFLOP/s**.",
+        f"Matmul throughput measured in the same run (2048^3): fp32 **{rates['fp32'] / 1e9:.3g} GFLOP/s**, "
+        f"bf16 **{rates['bf16'] / 1e9:.3g} GFLOP/s**"
+        + ("" if fast_bf16_note() else " (no native bf16 on this CPU: oneDNN emulates it)") + ".",
         "",
         "| preset | batch | precision | step (s) | img/s | GFLOP/img | achieved GFLOP/s | of matmul rate | peak RSS (GB) |",
         "|---|---|---|---|---|---|---|---|---|",
