@@ -169,7 +169,8 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
 PRESETS["vit_tiny_16"]["model"].update(head_hidden=1024)  # scale the 2048-wide head down with the model
 PRESETS["cpu_demo"] = {
     # 64 px reference (8x8 patches of 8 px), one 64 px random query cut to ~36 % of its tokens, 4 focal
-    # 32 px queries; sized so 5,000 images x 12 epochs take about 7 minutes on a 2-core CPU.
+    # 32 px queries. 5,000 images x 12 epochs: 25 min measured on a 2-core AVX2 machine, the ~7 min it was
+    # sized for on a 2-core AVX-512/AMX one; optim.epochs=4 fits ~8 min here (docs/benchmarks.md).
     "views": {"reference_size": 64, "random_query_size": 64, "num_focal_queries": 4, "focal_query_size": 32},
     "model": {"patch_size": 8, "width": 192, "depth": 4, "heads": 3, "head_hidden": 512,
               "head_bottleneck": 128, "num_prototypes": 256},
