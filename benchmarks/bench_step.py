@@ -106,8 +106,6 @@ def child(preset: str, batch: int, precision: str, steps: int, budget_s: float) 
 
 
 def views_rate(preset: str, images: int = 64) -> float:
-    import numpy as np
-
     from loca.config import load_config
     from loca.data import BuiltinPhotos, LOCADataset
 
@@ -117,7 +115,6 @@ def views_rate(preset: str, images: int = 64) -> float:
     t = time.perf_counter()
     for i in range(images):
         dataset[i]
-    del np
     return images / (time.perf_counter() - t)
 
 

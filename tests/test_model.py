@@ -81,7 +81,6 @@ def test_weight_decay_groups(tiny_cfg):
 
 
 def test_eta_one_means_no_reference_token(tiny_cfg):
-    from loca.config import load_config
     cfg = load_config("cpu_tiny", ["loss.reference_mask_ratio=1.0"])
     torch.manual_seed(0)
     student = LOCA(cfg)
