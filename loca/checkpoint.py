@@ -25,7 +25,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(path: Path, student: LOCA, teacher: LOCA, optimizer: Optional[torch.optim.Optimizer],
-                    step: int, cfg: Config) -> None:
+                    step: int, cfg: Config, num_images: Optional[int] = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -34,6 +34,7 @@ def save_checkpoint(path: Path, student: LOCA, teacher: LOCA, optimizer: Optiona
         "teacher": teacher.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "config": cfg.to_dict(),
+        "num_images": num_images,
     }
     _atomic_torch_save(state, path)
 

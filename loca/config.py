@@ -276,7 +276,10 @@ def apply_overrides(cfg: Config, overrides: List[str]) -> None:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value, e.g. optim.lr=3e-4")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else raw
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
         if "." in dotted:
             section, key = dotted.split(".", 1)
             if section not in SECTIONS:
@@ -351,6 +354,10 @@ def validate(cfg: Config) -> None:
         need(0 <= p <= 1, f"views.{key}={p}: a probability, allowed [0, 1]")
     need(all(0 <= p <= 1 for p in v.blur_p), f"views.blur_p={v.blur_p}: probabilities, allowed [0, 1]")
     need(all(s > 0 for s in v.std), f"views.std={v.std}: must be positive")
+    need(v.brightness >= 0, f"views.brightness={v.brightness}: must be >= 0")
+    for key in ("contrast", "saturation"):
+        need(0 <= getattr(v, key) < 1, f"views.{key}={getattr(v, key)}: allowed [0, 1) (factor 1 +- this)")
+    need(0 <= v.hue <= 0.5, f"views.hue={v.hue}: allowed [0, 0.5] (a fraction of the hue circle)")
     need(m.width % m.heads == 0, f"model.width={m.width}: must be divisible by model.heads={m.heads}")
     for key in ("patch_size", "width", "depth", "heads", "head_hidden", "head_bottleneck", "num_prototypes"):
         need(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)}: must be >= 1")
@@ -368,6 +375,15 @@ def validate(cfg: Config) -> None:
     need(cfg.peak_lr > 0, f"optim.lr={cfg.peak_lr}: must be > 0")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio}: allowed [0, 1]")
     need(0 <= o.momentum_start <= 1, f"optim.momentum_start={o.momentum_start}: allowed [0, 1]")
+    need(o.grad_clip > 0, f"optim.grad_clip={o.grad_clip}: must be > 0 (the global gradient-norm clip)")
+    need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    need(all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas}: each allowed [0, 1)")
+    need(o.eps > 0, f"optim.eps={o.eps}: must be > 0")
+    for key in ("weight_position", "weight_cluster", "weight_memax"):
+        need(getattr(lo, key) >= 0, f"loss.{key}={getattr(lo, key)}: must be >= 0")
+    need(r.device in ("auto", "cpu", "mps") or r.device == "cuda" or
+         (r.device.startswith("cuda:") and r.device[5:].isdigit()),
+         f"run.device={r.device!r}: allowed auto, cpu, cuda, cuda:N or mps")
     need(r.precision in ("fp32", "bf16"), f"run.precision={r.precision!r}: allowed fp32 or bf16")
     need(r.workers >= 0, f"run.workers={r.workers}: must be >= 0")
     need(r.log_every >= 1 and r.checkpoint_every >= 1, "run.log_every and run.checkpoint_every must be >= 1")

@@ -26,6 +26,8 @@ def read_flax_msgpack(path: Path) -> Dict:
         return msgpack.ExtType(code, data)
 
     path = Path(path)
+    if not path.exists():
+        raise RuntimeError(f"{path}: no such checkpoint file or folder")
     if path.is_dir():  # a Flax workdir: take the latest checkpoint_<step>
         found = sorted(path.glob("checkpoint_*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
         found = [p for p in found if p.is_file()]
@@ -158,7 +160,8 @@ def flax_to_state_dict(params: Dict[str, np.ndarray], cfg: Config, reference: Di
     return sd, missing
 
 
-def convert_official(checkpoint: Path, out: Path, which: str = "teacher", log=print) -> Dict:
+def convert_official(checkpoint: Path, out: Path, which: str = "teacher", log=print,
+                     reset_step: bool = False) -> Dict:
     """Writes ``out/config.yaml``, ``out/checkpoints/last.pt`` (student = ``params``, teacher = ``ema_params``,
     AdamW moments from ``opt_state`` when present) and ``out/backbone.safetensors`` (``which`` encoder)."""
     from .checkpoint import export_backbone, save_checkpoint
@@ -171,17 +174,20 @@ def convert_official(checkpoint: Path, out: Path, which: str = "teacher", log=pr
         raise RuntimeError(f"{checkpoint}: no 'params' or 'ema_params' in this checkpoint")
     student_params = _normalise_names(flatten(state.get("params") or state.get("ema_params")))
     teacher_params = _normalise_names(flatten(state.get("ema_params") or state.get("params")))
-    cfg = infer_config(student_params)
-    student, teacher = LOCA(cfg), LOCA(cfg)
-    ref_sd = student.state_dict()
-    sd_s, missing = flax_to_state_dict(student_params, cfg, ref_sd)
-    sd_t, _ = flax_to_state_dict(teacher_params, cfg, ref_sd)
+    try:
+        cfg = infer_config(student_params)
+        student, teacher = LOCA(cfg), LOCA(cfg)
+        ref_sd = student.state_dict()
+        sd_s, missing = flax_to_state_dict(student_params, cfg, ref_sd)
+        sd_t, _ = flax_to_state_dict(teacher_params, cfg, ref_sd)
+    except KeyError as exc:
+        raise RuntimeError(f"{checkpoint}: not a LOCA ViT checkpoint (no parameter {exc.args[0]})") from None
     student.load_state_dict(sd_s)
     teacher.load_state_dict(sd_t)
     if missing:
         log(f"note: the checkpoint has no {', '.join(sorted({k.split('.')[0] for k in missing}))}: "
             f"those modules are freshly initialised")
-    step = int(np.asarray(state.get("global_step", 0)))
+    step = 0 if reset_step else int(np.asarray(state.get("global_step", 0)))
     optimizer = build_optimizer(student, cfg)
     _load_adam_moments(optimizer, student, state.get("opt_state"), cfg, ref_sd)
     out = Path(out)

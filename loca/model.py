@@ -54,21 +54,13 @@ class Encoder(nn.Module):
         return resample_abs_pos_embed(self.vit.pos_embed, new_size=list(grid_hw), old_size=list(self.grid),
                                       num_prefix_tokens=0, interpolation="bilinear", antialias=True)
 
-    def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None,
-                use_pe: bool = True) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.vit.patch_embed(images)  # (B, H, W, C) with dynamic_img_size
         b, h, w, c = x.shape
-        x = x.reshape(b, h * w, c)
-        if use_pe:
-            x = x + self.position_embedding((h, w))
+        x = x.reshape(b, h * w, c) + self.position_embedding((h, w))
         if keep is not None:
             x = x[:, keep]
-        if self.vit.grad_checkpointing and self.training:
-            from timm.models._manipulate import checkpoint_seq
-            x = checkpoint_seq(self.vit.blocks, x)
-        else:
-            x = self.vit.blocks(x)
-        return self.vit.norm(x)
+        return self.vit.norm(self.vit.blocks(x))
 
 
 class ProjectionHead(nn.Module):

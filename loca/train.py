@@ -112,17 +112,32 @@ def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
     start_step = 0
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
-        if state["config"].get("model") != cfg.to_dict()["model"]:
-            saved, now = state["config"]["model"], cfg.to_dict()["model"]
-            diff = [f"model.{k}: {saved.get(k)} -> {now.get(k)}" for k in now if saved.get(k) != now.get(k)]
-            raise TrainingError(f"{ckpt_path}: its architecture differs from this config ({'; '.join(diff)}); "
+        saved, now = _flat(state["config"]), _flat(cfg.to_dict())
+        changed = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
+        arch = [f"{k}: {a} -> {b}" for k, (a, b) in changed.items() if _is_architecture(k)]
+        if arch:
+            raise TrainingError(f"{ckpt_path}: its architecture differs from this config ({'; '.join(arch)}); "
                                 f"use another --out or the same config")
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
+        other = [f"{k}: {a} -> {b}" for k, (a, b) in changed.items() if not k.startswith("run.")]
+        if other:
+            warnings.warn(f"resuming {ckpt_path} with changed settings ({'; '.join(other)}): the schedules or "
+                          f"views differ from the run that wrote it", stacklevel=1)
+        if state.get("num_images") not in (None, len(dataset)):
+            warnings.warn(f"resuming {ckpt_path} on {len(dataset)} images; it was written on "
+                          f"{state['num_images']}: the data order differs from the original run", stacklevel=1)
+        try:
+            student.load_state_dict(state["student"])
+            teacher.load_state_dict(state["teacher"])
+        except RuntimeError as exc:
+            raise TrainingError(f"{ckpt_path}: weights do not fit this model ({str(exc).splitlines()[-1].strip()})"
+                                ) from None
         if state.get("optimizer"):
             optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
         log(f"resuming from {ckpt_path} at step {start_step}")
+        if start_step >= total_steps:
+            log(f"note: step {start_step} is already the end of this schedule ({total_steps} steps); raise "
+                f"optim.epochs to train further (or convert with --reset-step to start a new schedule)")
     dump_config(cfg, out / "config.yaml")
 
     metrics_path = out / "metrics.jsonl"
@@ -217,7 +232,7 @@ def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
             if progress is not None:
                 progress.update(1)
             if step % cfg.run.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_step:
-                save_checkpoint(ckpt_path, student, teacher, optimizer, step, cfg)
+                save_checkpoint(ckpt_path, student, teacher, optimizer, step, cfg, len(dataset))
     if progress is not None:
         progress.close()
     writer.close()
@@ -229,6 +244,16 @@ def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
     log(f"done: step {step} of {total_steps}. Results in {out}: config.yaml, metrics.jsonl, tensorboard/, "
         f"checkpoints/last.pt, backbone.safetensors")
     return {"step": step, "total_steps": total_steps, "skipped": n_skipped, "out": str(out)}
+
+
+def _flat(config: Dict) -> Dict:
+    return {f"{section}.{k}": v for section, values in config.items() for k, v in values.items()}
+
+
+def _is_architecture(key: str) -> bool:
+    """Keys that change parameter shapes or the modules' meaning; a checkpoint cannot load across them."""
+    return (key.startswith("model.") and key not in ("model.drop_path", "model.teacher_drop_path")) or \
+        key == "views.reference_size"
 
 
 def _truncate_metrics(path: Path, keep_until: int) -> None:

@@ -132,6 +132,11 @@ def test_cli_pretrain_and_errors(tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     assert main(["config", "--config", "cpu_demo", "optim.lr=5e-4"]) == 0
     assert "lr: 0.0005" in capsys.readouterr().out
+    with pytest.raises(SystemExit):                                   # convert-official takes no overrides
+        main(["convert-official", "a", "b", "optim.lr=1"])
+    assert "unrecognized arguments: optim.lr=1" in capsys.readouterr().err
+    assert main(["convert-official", str(tmp_path / "missing_ckpt"), str(tmp_path / "o")]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_cli_help_runs_as_a_console_script():
@@ -153,7 +158,7 @@ def test_pretrain_on_a_folder_reports_skipped_files(tmp_path, capsys):
 def test_convert_official_then_continue_pretraining(tmp_path):
     ckpt = fixture_path("tiny_checkpoint_0")
     out = tmp_path / "official"
-    assert main(["convert-official", str(ckpt), str(out)]) == 0
+    assert main(["convert-official", str(ckpt), str(out), "--reset-step"]) == 0
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["step"] == 0 and all(torch.equal(state["student"][k], state["teacher"][k])
                                       for k in state["student"])
