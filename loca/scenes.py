@@ -1,0 +1,108 @@
+"""The built-in segmentation benchmark, "Fashion-MNIST scenes" (../shared/docs/data-sources.md): real
+Fashion-MNIST items pasted through their exact silhouettes onto crops of real scikit-image photos. Training
+scenes use training items, validation scenes test items (the official split carries over); the background
+photos are split the same way. Written in the mmsegmentation layout so it reads like a user's data set."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .data import SKIMAGE_PHOTOS, DataError, load_image
+
+DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+CLASSES = ("background", "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+           "bag", "ankle boot")
+SILHOUETTE_THRESHOLD = 10  # about half of each 28x28 item is exactly 0; > 10 is the item
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a numpy array."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path}: truncated IDX file (expected {int(np.prod(shape))} values, found {data.size})")
+    return data.reshape(shape)
+
+
+def load_fashion_mnist(folder: Optional[Path] = None) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    folder = Path(folder) if folder else DEBIAN_FMNIST
+    out = {}
+    for split, names in FMNIST_FILES.items():
+        arrays = []
+        for name in names:
+            candidates = [folder / (name + ".gz"), folder / name]
+            path = next((c for c in candidates if c.exists()), None)
+            if path is None:
+                hint = ("install it with: apt-get install dataset-fashion-mnist" if folder == DEBIAN_FMNIST
+                        else "point --fmnist-dir at the folder holding the four idx files")
+                raise DataError(f"Fashion-MNIST file {name}[.gz] not found in {folder}: {hint}")
+            arrays.append(read_idx(path))
+        out[split] = (arrays[0], arrays[1].astype(np.int64))
+    return out
+
+
+def _backgrounds() -> Dict[str, list]:
+    import skimage.data
+    folder = Path(skimage.data.__file__).parent
+    photos = [load_image(folder / n) for n in SKIMAGE_PHOTOS if (folder / n).exists()]
+    return {"train": photos[0::2], "val": photos[1::2]}  # disjoint: validation backgrounds are never trained on
+
+
+def make_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, photos, size: int):
+    """One RGB scene (size, size, 3) uint8 and its label map (size, size) uint8: 0 background, 1..10 items."""
+    photo = photos[int(rng.integers(len(photos)))]
+    _, h, w = photo.shape
+    side = int(rng.uniform(0.25, 1.0) * min(h, w))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    bg = F.interpolate(photo[None, :, y:y + side, x:x + side].float(), size=(size, size), mode="bilinear",
+                       align_corners=False, antialias=True)[0]
+    image = bg.permute(1, 2, 0).numpy()
+    label = np.zeros((size, size), dtype=np.uint8)
+    for _ in range(int(rng.integers(2, 5))):
+        k = int(rng.integers(len(items)))
+        scale = int(rng.integers(size // 4, size // 2 + 1))
+        item = torch.from_numpy(items[k].astype(np.float32))[None, None]
+        item = F.interpolate(item, size=(scale, scale), mode="bilinear", align_corners=False)[0, 0].numpy()
+        mask = item > SILHOUETTE_THRESHOLD
+        tint = rng.uniform(0.4, 1.0, size=3)
+        top, left = int(rng.integers(0, size - scale + 1)), int(rng.integers(0, size - scale + 1))
+        region = image[top:top + scale, left:left + scale]
+        region[mask] = item[mask, None] * tint  # later items occlude earlier ones
+        label[top:top + scale, left:left + scale][mask] = labels[k] + 1
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def build_fmnist_scenes(out: Path, size: int = 96, train: int = 2000, val: int = 500, pretrain: int = 5000,
+                        seed: int = 0, fmnist_dir: Optional[Path] = None, log=print) -> Dict:
+    fm = load_fashion_mnist(fmnist_dir)
+    photos = _backgrounds()
+    out = Path(out)
+    plan = [("img_dir/train", "ann_dir/train", train, "train", "train"),
+            ("img_dir/val", "ann_dir/val", val, "test", "val"),
+            ("pretrain", None, pretrain, "train", "train")]
+    for offset, (img_sub, ann_sub, count, item_split, photo_split) in enumerate(plan):
+        (out / img_sub).mkdir(parents=True, exist_ok=True)
+        if ann_sub:
+            (out / ann_sub).mkdir(parents=True, exist_ok=True)
+        items, labels = fm[item_split]
+        for i in range(count):
+            rng = np.random.default_rng([seed, offset, i])
+            image, label = make_scene(rng, items, labels, photos[photo_split], size)
+            Image.fromarray(image).save(out / img_sub / f"{i:06d}.png")
+            if ann_sub:
+                Image.fromarray(label).save(out / ann_sub / f"{i:06d}.png")
+        log(f"wrote {count} scenes to {out / img_sub}")
+    (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return {"train": train, "val": val, "pretrain": pretrain, "classes": len(CLASSES)}

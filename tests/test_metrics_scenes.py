@@ -1,0 +1,88 @@
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from loca.cli import main
+from loca.data import DataError
+from loca.metrics import confusion_matrix, segmentation_scores
+from loca.scenes import read_idx
+
+
+def test_dataset_level_miou_against_a_hand_count():
+    # Two images, 3 classes, 255 = ignore; the expected values are counted by hand below.
+    gt1 = torch.tensor([[0, 0, 1], [1, 255, 2]])
+    pr1 = torch.tensor([[0, 1, 1], [1, 0, 0]])
+    gt2 = torch.tensor([[0, 0], [0, 1]])
+    pr2 = torch.tensor([[0, 0], [2, 1]])
+    conf = confusion_matrix(pr1, gt1, 3) + confusion_matrix(pr2, gt2, 3)
+    # pixels (gt, pred), ignore excluded: img1 (0,0) (0,1) (1,1) (1,1) (2,0); img2 (0,0) (0,0) (0,2) (1,1)
+    # class 0: I = 3, union = gt 5 + pred 4 - 3 = 6 -> 50 %
+    # class 1: I = 3, union = gt 3 + pred 4 - 3 = 4 -> 75 %
+    # class 2: I = 0, union = gt 1 + pred 1 - 0 = 2 -> 0 %
+    scores = segmentation_scores(conf)
+    assert scores["iou_per_class"] == pytest.approx([50.0, 75.0, 0.0])
+    assert scores["miou"] == pytest.approx(125.0 / 3)
+    assert scores["pixel_accuracy"] == pytest.approx(100 * 6 / 9)
+    # A per-image mean would differ: the data-set sum is what is reported.
+    per_image = np.mean([segmentation_scores(confusion_matrix(p, g, 3))["miou"] for p, g in ((pr1, gt1), (pr2, gt2))])
+    assert per_image != pytest.approx(scores["miou"])
+
+
+def test_classes_absent_from_both_are_left_out():
+    gt = torch.tensor([0, 0, 1, 1])
+    scores = segmentation_scores(confusion_matrix(gt.clone(), gt, 5))
+    assert scores["miou"] == 100.0 and scores["iou_per_class"][2:] == [None, None, None]
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        confusion_matrix(gt, torch.tensor([0, 7, 1, 1]), 5)
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fm"
+    folder.mkdir()
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        items = np.zeros((n, 28, 28), np.uint8)
+        items[:, 6:22, 8:20] = rng.integers(60, 255, size=(n, 16, 12))        # a silhouette, zero around it
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", items)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, size=n))
+    return folder
+
+
+def test_read_idx_round_trip(fake_fmnist):
+    images = read_idx(fake_fmnist / "train-images-idx3-ubyte.gz")
+    assert images.shape == (30, 28, 28) and images[:, 0].max() == 0
+
+
+def test_fmnist_scenes_layout_and_labels(tmp_path, fake_fmnist):
+    out = tmp_path / "scenes"
+    assert main(["data", "fmnist-scenes", "--out", str(out), "--size", "48", "--train", "6", "--val", "3",
+                 "--pretrain", "4", "--fmnist-dir", str(fake_fmnist)]) == 0
+    assert len(list((out / "img_dir" / "train").glob("*.png"))) == 6
+    assert len(list((out / "ann_dir" / "val").glob("*.png"))) == 3
+    assert len(list((out / "pretrain").glob("*.png"))) == 4 and not (out / "ann_dir" / "pretrain").exists()
+    assert (out / "classes.txt").read_text().splitlines()[0] == "background"
+    for i in range(6):
+        img = np.array(Image.open(out / "img_dir" / "train" / f"{i:06d}.png"))
+        ann = np.array(Image.open(out / "ann_dir" / "train" / f"{i:06d}.png"))
+        assert img.shape == (48, 48, 3) and ann.shape == (48, 48) and ann.max() <= 10
+        assert (ann > 0).any() and (ann == 0).any()                            # items and background
+    again = tmp_path / "again"
+    main(["data", "fmnist-scenes", "--out", str(again), "--size", "48", "--train", "2", "--val", "0",
+          "--pretrain", "0", "--fmnist-dir", str(fake_fmnist)])
+    assert np.array_equal(np.array(Image.open(again / "img_dir/train/000001.png")),
+                          np.array(Image.open(out / "img_dir/train/000001.png")))      # seeded
+
+
+def test_missing_fmnist_says_how_to_get_it(tmp_path):
+    from loca.scenes import load_fashion_mnist
+    with pytest.raises(DataError, match="--fmnist-dir"):
+        load_fashion_mnist(tmp_path)
