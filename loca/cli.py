@@ -38,11 +38,74 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 def _config_from(args) -> "Config":  # noqa: F821
     overrides = list(args.overrides)
     for flag, key in (("device", "run.device"), ("precision", "run.precision"), ("workers", "run.workers"),
-                      ("seed", "run.seed"), ("max_steps", "run.max_steps")):
+                      ("seed", "run.seed"), ("max_steps", "run.max_steps"),
+                      ("probe_data", "run.probe_data"), ("probe_every", "run.probe_every")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
     return load_config(args.config, overrides)
+
+
+EPILOG_FINETUNE = """\
+examples:
+  loca finetune --backbone runs/demo/backbone.safetensors --data data/fmnist_scenes --out runs/ft_loca
+  loca finetune --backbone random --arch cpu_demo --data data/fmnist_scenes --out runs/ft_random
+  loca finetune --backbone timm:vit_small_patch16_224 --weights dino_s16.pth --data ADEChallengeData2016 \\
+      --out runs/ft_dino --device cuda
+  loca finetune --backbone runs/s16/backbone.safetensors --data VOC2012 --out runs/ft_voc_1_8 --fraction 1/8 --fold 2
+  loca finetune ... --lr-sweep 3e-4,1e-3,3e-3 iterations=20000 batch_size=16
+
+--data: mmsegmentation's img_dir/ann_dir layout (optional classes.txt), ADEChallengeData2016, VOC2012 or
+Cityscapes (labelTrainIds). Overrides are key=value over the fine-tuning config (`loca finetune --config X
+--show-config` lists them). Writes DIR/results.json (mIoU mean +- std in percent, per-seed per-class IoU),
+DIR/predictions.png, DIR/seed_K/{model.safetensors,metrics.jsonl,result.json}. Rerunning resumes.
+"""
+
+
+def _add_backbone_flags(p: argparse.ArgumentParser) -> None:
+    from .segment import SEG_PRESETS
+    p.add_argument("--backbone", required=True, metavar="SPEC",
+                   help="a backbone.safetensors (from pretrain or convert-official), 'random' (random init of "
+                        "--arch) or 'timm:NAME' (with --weights)")
+    p.add_argument("--data", required=True, metavar="DIR", help="a segmentation data set (see below)")
+    p.add_argument("--arch", default="cpu_demo", metavar="PRESET",
+                   help="pretraining preset whose architecture 'random' builds (default cpu_demo)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="weights for timm:NAME (safetensors or a torch state dict; loaded weights-only)")
+    p.add_argument("--config", default=None, choices=sorted(SEG_PRESETS),
+                   help="fine-tuning preset (default: cpu_demo for backbones pretrained at <= 64 px, else "
+                        "segmenter, the paper-scale recipe)")
+    p.add_argument("--show-config", action="store_true", help="print the resolved fine-tuning config and exit")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
+    p.add_argument("--workers", type=int, default=None, help="data-loading worker processes")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="fine-tuning config overrides")
+
+
+def _seg_config_from(args):
+    from .segment import default_seg_preset, seg_config
+    overrides = list(args.overrides)
+    for flag in ("device", "precision", "workers"):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{flag}={getattr(args, flag)}")
+    return seg_config(args.config or default_seg_preset(args.backbone, args.arch), overrides)
+
+
+def _parse_fraction(text: str) -> float:
+    try:
+        if "/" in text:
+            a, b = text.split("/", 1)
+            return float(a) / float(b)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"--fraction {text!r}: expected a number or a ratio such as 1/8") from None
+
+
+def _parse_list(text, kind, flag):
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated values, e.g. 0,1,2") from None
 
 
 def main(argv=None) -> int:
@@ -58,6 +121,10 @@ def main(argv=None) -> int:
                                    "class subfolders ignored) or, without --data, on the built-in default.")
     p.add_argument("--data", default=None, metavar="PATH", help="folder of images (default: built-in photos)")
     p.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<preset>)")
+    p.add_argument("--probe-data", default=None, metavar="DIR",
+                   help="a segmentation data set: run the frozen linear probe on it every --probe-every epochs "
+                        "and log probe_miou to metrics.jsonl")
+    p.add_argument("--probe-every", type=int, default=None, metavar="N", help="epochs between probes (default 1)")
     _add_run_flags(p)
 
     c = sub.add_parser("config", help="print the fully resolved config (every key) as YAML",
@@ -78,6 +145,54 @@ def main(argv=None) -> int:
     v.add_argument("--reset-step", action="store_true",
                    help="store step 0 so `loca pretrain` starts a new schedule from these weights (a released "
                         "checkpoint is at the end of its own schedule); AdamW moments are kept")
+
+    f = sub.add_parser("finetune", help="fine-tune a backbone for semantic segmentation (Segmenter linear decoder)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_FINETUNE,
+                       description="End-to-end fine-tuning of encoder + linear decoder with Segmenter's protocol "
+                                   "(SGD Nesterov, poly lr, random resize/crop/flip/photometric, sliding-window "
+                                   "evaluation, data-set-level mIoU), one run per seed.")
+    _add_backbone_flags(f)
+    f.add_argument("--out", required=True, metavar="DIR")
+    f.add_argument("--seeds", default=None, help="comma-separated seeds (default: 3 on the CPU presets, 5 on "
+                                                 "segmenter, the paper's 5 runs)")
+    f.add_argument("--fraction", default="1", help="few-shot: use this fraction of the training images "
+                                                   "(1/32, 1/16, 1/8, 1/4, 1/2 or 1; default 1)")
+    f.add_argument("--fold", type=int, default=0, help="few-shot: which of 5 fixed subsets (0-4; default 0)")
+    f.add_argument("--lr-sweep", default=None, metavar="LR,LR,...",
+                   help="pick lr from this grid on a held-out part of the training set (same budget for every "
+                        "backbone), then run the seeds with it")
+    f.add_argument("--max-steps", type=int, default=None, help="stop each run after N iterations (smoke runs)")
+
+    pr = sub.add_parser("probe", help="frozen-feature linear probe on patch tokens (mIoU in seconds)",
+                        description="Fit one linear layer on frozen final-norm patch tokens of the training "
+                                    "images and score the validation set (data-set-level mIoU): the quick "
+                                    "signal to watch during pretraining.",
+                        epilog="example:\n  loca probe --backbone runs/demo/backbone.safetensors --data "
+                               "data/fmnist_scenes", formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_backbone_flags(pr)
+    pr.add_argument("--json", default=None, metavar="FILE", help="also write the scores to FILE")
+
+    pd = sub.add_parser("predict", help="segment images with a fine-tuned model",
+                        description="Write DIR/NAME.png (class ids) and DIR/NAME_overlay.png for every image.",
+                        epilog="example:\n  loca predict --model runs/ft/seed_0/model.safetensors --images photos "
+                               "--out runs/ft/pred", formatter_class=argparse.RawDescriptionHelpFormatter)
+    pd.add_argument("--model", required=True, metavar="FILE", help="a seed_K/model.safetensors from `loca finetune`")
+    pd.add_argument("--images", required=True, metavar="PATH", help="an image file or a folder (recursive)")
+    pd.add_argument("--out", required=True, metavar="DIR")
+    pd.add_argument("--device", default="auto")
+
+    dm = sub.add_parser("demo", help="the one-command demo: LOCA vs random init on built-in data",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Build Fashion-MNIST scenes, pretrain LOCA (cpu_demo) on their unlabelled "
+                                    "images, fine-tune the LOCA backbone and a random-init one under the same "
+                                    "protocol with 3 seeds each, print the mIoU table and write DIR/report.md "
+                                    "with plots. Rerunning resumes.",
+                        epilog="examples:\n  loca demo                 # ~25 min on 2 cores\n"
+                               "  loca demo --quick         # a ~2-minute smoke run of every stage")
+    dm.add_argument("--out", default="runs/demo", metavar="DIR", help="default runs/demo (quick: runs/demo_quick)")
+    dm.add_argument("--quick", action="store_true", help="tiny sizes: checks every stage, measures nothing")
+    dm.add_argument("--fmnist-dir", default=None, metavar="DIR",
+                    help="folder with the four Fashion-MNIST idx files (default: Debian's)")
 
     # Overrides may sit anywhere among the flags: argparse takes only the first run of them, so collect the rest.
     d = sub.add_parser("data", help="build the built-in data sets",
@@ -127,6 +242,31 @@ def main(argv=None) -> int:
                 raise ValueError("--size must be >= 16 and --train/--val/--pretrain >= 0")
             build_fmnist_scenes(Path(args.out), args.size, args.train, args.val, args.pretrain, args.seed,
                                 Path(args.fmnist_dir) if args.fmnist_dir else None)
+        elif args.command in ("finetune", "probe"):
+            cfg = _seg_config_from(args)
+            if args.show_config:
+                import yaml
+                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            elif args.command == "finetune":
+                from .finetune import finetune
+                seeds = _parse_list(args.seeds, int, "--seeds") if args.seeds else None
+                sweep = _parse_list(args.lr_sweep, float, "--lr-sweep") if args.lr_sweep else ()
+                finetune(args.backbone, args.data, Path(args.out), cfg, seeds, _parse_fraction(args.fraction),
+                         args.fold, sweep, args.arch, args.weights, args.max_steps)
+            else:
+                import json
+
+                from .finetune import probe
+                scores = probe(args.backbone, args.data, cfg, args.arch, args.weights)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(scores, indent=1))
+        elif args.command == "demo":
+            from .demo import run_demo
+            out = args.out if args.out != "runs/demo" or not args.quick else "runs/demo_quick"
+            run_demo(Path(out), args.quick, Path(args.fmnist_dir) if args.fmnist_dir else None)
+        elif args.command == "predict":
+            from .finetune import predict
+            predict(args.model, args.images, Path(args.out), args.device)
         elif args.command == "convert-official":
             from .convert import convert_official
             info = convert_official(Path(args.checkpoint), Path(args.out), which=args.which,

@@ -99,6 +99,8 @@ class RunConfig:
     checkpoint_every: int = 500        # steps between checkpoints (also at each epoch end and at the stop)
     max_steps: Optional[int] = None    # stop once this many optimizer steps are done in total (smoke runs)
     builtin_images: int = 5000         # size of the built-in default data set (used without --data)
+    probe_data: Optional[str] = None   # a segmentation data set for the frozen linear probe during pretraining
+    probe_every: int = 1               # epochs between probes (with probe_data); logged as probe_miou
 
 
 @dataclass
@@ -217,7 +219,8 @@ def _coerce(section: str, key: str, value: Any, template: Any, type_hint: str) -
             return tuple(float(v) for v in value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected numbers, got {value!r}") from None
-    kind = type(template) if template is not None else (float if "float" in str(type_hint) else int)
+    hint = str(type_hint)
+    kind = type(template) if template is not None else (float if "float" in hint else str if "str" in hint else int)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -371,6 +374,7 @@ def validate(cfg: Config) -> None:
     need(o.epochs >= 1, f"optim.epochs={o.epochs}: must be >= 1")
     need(o.batch_size >= 1, f"optim.batch_size={o.batch_size}: must be >= 1")
     need(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs}: must be >= 0")
+    need(r.probe_every >= 1, f"run.probe_every={r.probe_every}: must be >= 1 (epochs)")
     need(o.warmup_epochs < o.epochs, f"optim.warmup_epochs={o.warmup_epochs}: must be < optim.epochs={o.epochs}")
     need(cfg.peak_lr > 0, f"optim.lr={cfg.peak_lr}: must be > 0")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio}: allowed [0, 1]")

@@ -164,6 +164,7 @@ def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
         f"per epoch, batch {batch}, peak lr {cfg.peak_lr:.3g}) on {device}, {cfg.run.precision}, "
         f"{len(dataset)} images from {data or 'the built-in default (scikit-image photos)'}")
 
+    probe = _probe_runner(cfg, device, log) if cfg.run.probe_data else None
     skipped_seen = set(getattr(source, "skipped", []))
     step = start_step
     window_start, window_images = time.perf_counter(), 0
@@ -231,7 +232,15 @@ def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
                         f"lr {lr:.3g} {record['images_per_second']:.1f} img/s ETA {_format_eta(eta)}")
             if progress is not None:
                 progress.update(1)
-            if step % cfg.run.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_step:
+            epoch_done = step % steps_per_epoch == 0
+            if probe is not None and epoch_done and (step // steps_per_epoch) % cfg.run.probe_every == 0:
+                scores = probe(teacher.encoder.vit)
+                metrics_file.write(json.dumps({"step": step, "epoch": step // steps_per_epoch,
+                                               "probe_miou": scores["miou"]}) + "\n")
+                metrics_file.flush()
+                writer.add_scalar("probe/miou", scores["miou"], step)
+                log(f"step {step}: linear probe mIoU {scores['miou']:.2f} on {cfg.run.probe_data}")
+            if step % cfg.run.checkpoint_every == 0 or epoch_done or step == stop_step:
                 save_checkpoint(ckpt_path, student, teacher, optimizer, step, cfg, len(dataset))
     if progress is not None:
         progress.close()
@@ -244,6 +253,23 @@ def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
     log(f"done: step {step} of {total_steps}. Results in {out}: config.yaml, metrics.jsonl, tensorboard/, "
         f"checkpoints/last.pt, backbone.safetensors")
     return {"step": step, "total_steps": total_steps, "skipped": n_skipped, "out": str(out)}
+
+
+def _probe_runner(cfg: Config, device: torch.device, log):
+    """The frozen linear probe of the teacher's encoder on run.probe_data (opened once, checked before
+    training starts); it runs in eval mode and draws no random numbers, so the training run is unchanged."""
+    from .finetune import linear_probe
+    from .segdata import open_segmentation
+    from .segment import seg_config
+    data = open_segmentation(cfg.run.probe_data)
+    seg_cfg = seg_config("cpu_demo" if cfg.views.reference_size <= 64 else "segmenter")
+    train = data.train.subset(range(min(2000, len(data.train))))
+    log(f"linear probe every {cfg.run.probe_every} epoch(s) on {data.root}: {len(train)} training, "
+        f"{len(data.val)} validation images")
+
+    def run(vit: torch.nn.Module) -> Dict:
+        return linear_probe(vit, train, data.val, seg_cfg, device)
+    return run
 
 
 def _flat(config: Dict) -> Dict:
