@@ -10,7 +10,7 @@ from .config import DEFAULT_PRESET, PRESETS, ConfigError, load_config
 
 EPILOG_PRETRAIN = f"""\
 examples:
-  loca pretrain --config cpu_demo --out runs/demo
+  loca pretrain --config cpu_demo --out runs/photos
       the built-in default: real scikit-image photos; 936 steps, ~25 min on 2 AVX2 cores (optim.epochs=4: ~8)
   loca pretrain --config vit_small_16 --data /data/imagenet/train --out runs/s16 --device cuda --precision bf16
   loca pretrain --config cpu_demo --data ~/photos --out runs/mine optim.lr=5e-4 views.num_focal_queries=6
@@ -48,8 +48,8 @@ def _config_from(args) -> "Config":  # noqa: F821
 
 EPILOG_FINETUNE = """\
 examples:
-  loca finetune --backbone runs/demo/backbone.safetensors --data data/fmnist_scenes --out runs/ft_loca
-  loca finetune --backbone random --arch cpu_demo --data data/fmnist_scenes --out runs/ft_random
+  loca finetune --backbone runs/demo/pretrain/backbone.safetensors --data runs/demo/data --out runs/ft_loca
+  loca finetune --backbone random --arch cpu_demo --data runs/demo/data --out runs/ft_random
   loca finetune --backbone timm:vit_small_patch16_224 --weights dino_s16.pth --data ADEChallengeData2016 \\
       --out runs/ft_dino --device cuda
   loca finetune --backbone runs/s16/backbone.safetensors --data VOC2012 --out runs/ft_voc_1_8 --fraction 1/8 --fold 2
@@ -167,8 +167,8 @@ def main(argv=None) -> int:
                         description="Fit one linear layer on frozen final-norm patch tokens of the training "
                                     "images and score the validation set (data-set-level mIoU): the quick "
                                     "signal to watch during pretraining.",
-                        epilog="example:\n  loca probe --backbone runs/demo/backbone.safetensors --data "
-                               "data/fmnist_scenes", formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog="example:\n  loca probe --backbone runs/demo/pretrain/backbone.safetensors --data "
+                               "runs/demo/data", formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_backbone_flags(pr)
     pr.add_argument("--json", default=None, metavar="FILE", help="also write the scores to FILE")
 
@@ -213,6 +213,9 @@ def main(argv=None) -> int:
     fm.add_argument("--val", type=int, default=500, help="labelled validation scenes (default 500)")
     fm.add_argument("--pretrain", type=int, default=5000, help="unlabelled pretraining scenes (default 5000)")
     fm.add_argument("--seed", type=int, default=0)
+    fm.add_argument("--split-backgrounds", action="store_true",
+                    help="draw validation backgrounds from photos never used in training (a domain shift; default: "
+                         "all splits share the 12 photos, items stay split by Fashion-MNIST's train/test)")
     fm.add_argument("--fmnist-dir", default=None, metavar="DIR",
                     help="folder with the four Fashion-MNIST idx files (default: Debian's "
                          "/usr/share/datasets/fashion-mnist)")
@@ -241,7 +244,8 @@ def main(argv=None) -> int:
             if min(args.size, args.train, args.val, args.pretrain) < 0 or args.size < 16:
                 raise ValueError("--size must be >= 16 and --train/--val/--pretrain >= 0")
             build_fmnist_scenes(Path(args.out), args.size, args.train, args.val, args.pretrain, args.seed,
-                                Path(args.fmnist_dir) if args.fmnist_dir else None)
+                                Path(args.fmnist_dir) if args.fmnist_dir else None,
+                                split_backgrounds=args.split_backgrounds)
         elif args.command in ("finetune", "probe"):
             cfg = _seg_config_from(args)
             if args.show_config:

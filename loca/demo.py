@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
-
 from .config import load_config
 from .finetune import finetune
 from .plots import plot_curves, plot_miou_bars, plot_pretraining
@@ -167,4 +165,4 @@ def _probe_line(metrics: Path) -> str:
     if not probes:
         return ""
     return ("Frozen linear probe of the LOCA teacher during pretraining (mIoU %, by step): "
-            + ", ".join(f"{s}: {m:.2f}" for s, m in probes) + f" (mean of the last: {np.mean(probes[-1][1]):.2f}).")
+            + ", ".join(f"{s}: {m:.2f}" for s, m in probes) + ".")

@@ -86,3 +86,11 @@ def test_missing_fmnist_says_how_to_get_it(tmp_path):
     from loca.scenes import load_fashion_mnist
     with pytest.raises(DataError, match="--fmnist-dir"):
         load_fashion_mnist(tmp_path)
+
+
+def test_background_photos_shared_by_default_and_disjoint_when_split():
+    from loca.scenes import _backgrounds
+    shared, split = _backgrounds(), _backgrounds(split=True)
+    assert len(shared["train"]) == len(shared["val"]) == len(split["train"]) + len(split["val"]) >= 10
+    train_ids = {id(p) for p in split["train"]}
+    assert not train_ids & {id(p) for p in split["val"]}
