@@ -28,6 +28,8 @@ from .train import TrainingError, resolve_device, step_seed
 
 FINETUNE_FORMAT = "loca-finetune-v1"
 FEWSHOT_FOLDS = 5
+# settings that do not change what a fine-tuning computes: a run may resume with other values
+_RUN_KEYS = ("workers", "device", "log_every", "checkpoint_every", "eval_every", "num_examples", "num_seeds")
 PAPER_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 
@@ -219,7 +221,7 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
     result_path = out / "result.json"
     if result_path.exists():
         done = json.loads(result_path.read_text())
-        if done.get("step") == stop:
+        if done.get("step", 0) >= stop:
             log(f"{label}already done: {result_path} (mIoU {done['miou']:.2f})")
             return done
 
@@ -227,21 +229,25 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
     model = make_model().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                 weight_decay=cfg.weight_decay)
+    train = _repeat_to(train, cfg.batch_size)
     ckpt_path = out / "checkpoint.pt"
     start = 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        try:
+            state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a crafted pickle is refused, never executed
+            raise TrainingError(f"{ckpt_path}: not a loadable checkpoint ({type(exc).__name__})") from None
         if not isinstance(state, dict) or state.get("format") != FINETUNE_FORMAT:
             raise TrainingError(f"{ckpt_path}: not a fine-tuning checkpoint; use another --out")
-        if state["config"] != cfg.to_dict() or state.get("num_train") != len(train):
-            raise TrainingError(f"{ckpt_path} was written with another config or training set; use another "
-                                f"--out or the same settings")
+        changed = [k for k, v in cfg.to_dict().items() if k not in _RUN_KEYS and state["config"].get(k) != v]
+        if changed or state.get("num_train") != len(train):
+            raise TrainingError(f"{ckpt_path} was written with other settings ({', '.join(changed) or 'training set'}"
+                                f"); use another --out or the same settings")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
         log(f"{label}resuming {ckpt_path} at iteration {start}")
 
-    train = _repeat_to(train, cfg.batch_size)
     sampler = StepBatchSampler(len(train), cfg.batch_size, seed, start, stop)
     loader = DataLoader(TrainCrops(train, cfg, seed), batch_sampler=sampler, num_workers=cfg.workers,
                         persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")

@@ -191,6 +191,14 @@ def test_finetune_predict_and_resume(squares, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (cut / "seed_0" / "checkpoint.pt").exists()
 
+    # a few-shot subset smaller than one batch (repeated to fill it) resumes too, and a changed worker count is fine
+    few = tmp_path / "few"
+    finetune("random", str(squares), few, cfg, seeds=[0], fraction=1 / 32, arch="cpu_tiny", max_steps=2,
+             log=lambda *a: None)
+    res = finetune("random", str(squares), few, seg_config("cpu_tiny", ["workers=1"]), seeds=[0], fraction=1 / 32,
+                   arch="cpu_tiny", log=lambda *a: None)
+    assert res["data"]["train_images"] == 1 and res["runs"][0]["step"] == cfg.iterations
+
     pred_dir = tmp_path / "pred"
     assert predict(str(out / "seed_0" / "model.safetensors"), str(squares / "img_dir" / "val"), pred_dir,
                    log=lambda *a: None) == 4
