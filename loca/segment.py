@@ -66,7 +66,7 @@ SEG_PRESETS: Dict[str, Dict[str, Any]] = {
     "segmenter": {},
     # fmnist-scenes (96 px scenes) for the cpu_demo backbone (patch 8): scenes shown at 64 px, like the
     # pretraining reference, so objects keep their pretraining scale; sized to ~2 min per run on 2 cores.
-    "cpu_demo": {"crop_size": 64, "scale_long": 256, "scale_short": 64, "batch_size": 16, "iterations": 1500,
+    "cpu_demo": {"crop_size": 64, "scale_long": 256, "scale_short": 64, "batch_size": 16, "iterations": 500,
                  "lr": 1e-2, "num_seeds": 3, "log_every": 50, "checkpoint_every": 250, "workers": 1},
     # unit tests: a few iterations on 32 px crops
     "cpu_tiny": {"crop_size": 32, "scale_long": 128, "scale_short": 32, "batch_size": 4, "iterations": 6,
