@@ -24,7 +24,8 @@ from .metrics import confusion_matrix, segmentation_scores
 from .segdata import SegSplit, open_segmentation
 from .segment import (SegConfig, Segmenter, eval_image, load_segmenter, patch_tokens, poly_lr, predict_label,
                       save_segmenter, train_sample)
-from .train import TrainingError, resolve_device, step_seed
+from .checkpoint import _atomic_torch_save
+from .train import TrainingError, _truncate_metrics, resolve_device, step_seed
 
 FINETUNE_FORMAT = "loca-finetune-v1"
 FEWSHOT_FOLDS = 5
@@ -254,7 +255,7 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     metrics_path = out / "metrics.jsonl"
-    _keep_metrics_until(metrics_path, start)
+    _truncate_metrics(metrics_path, start)
     progress = None
     if sys.stderr.isatty() and stop > start:
         from tqdm import tqdm
@@ -316,25 +317,9 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
 
 
 def _save_finetune_checkpoint(path: Path, model, optimizer, step: int, cfg: SegConfig, num_train: int) -> None:
-    import os
     state = {"format": FINETUNE_FORMAT, "step": step, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "num_train": num_train}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _keep_metrics_until(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError):
-            continue
-    path.write_text("".join(ln + "\n" for ln in kept))
+    _atomic_torch_save(state, path)
 
 
 def _finish(result: Dict, out: Path, encoder_meta: Dict, classes: List[str], cfg: SegConfig,
