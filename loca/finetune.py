@@ -4,6 +4,7 @@ learning-rate sweep, and writes results.json, predictions.png and each seed's mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -396,7 +397,6 @@ def finetune(backbone: str, data_root: str, out: Path, cfg: SegConfig, seeds: Op
 
 
 def _with(cfg: SegConfig, **changes) -> SegConfig:
-    import dataclasses
     return dataclasses.replace(cfg, **changes)
 
 
