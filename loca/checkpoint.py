@@ -25,7 +25,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(path: Path, student: LOCA, teacher: LOCA, optimizer: Optional[torch.optim.Optimizer],
-                    step: int, cfg: Config, num_images: Optional[int] = None) -> None:
+                    step: int, cfg: Config, num_images: Optional[int] = None,
+                    extra: Optional[Dict[str, Any]] = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -35,6 +36,7 @@ def save_checkpoint(path: Path, student: LOCA, teacher: LOCA, optimizer: Optiona
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "config": cfg.to_dict(),
         "num_images": num_images,
+        "extra": extra or {},  # world size, the small-batch queue, the fp16 gradient scaler
     }
     _atomic_torch_save(state, path)
 

@@ -20,6 +20,10 @@ Overrides are section.key=value (sections: views, model, loss, optim, run); `loc
 Presets: {', '.join(sorted(PRESETS))} (default {DEFAULT_PRESET}).
 Writes DIR/config.yaml, DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/last.pt and
 DIR/backbone.safetensors. Running the same command on the same DIR resumes from the latest checkpoint.
+
+Several GPUs or processes: the same command under torchrun (optim.batch_size stays the global batch):
+  torchrun --standalone --nproc_per_node 8 -m loca pretrain --config vit_base_16 --data /data/in1k/train \
+      --out runs/b16 --device cuda --precision bf16
 """
 
 
@@ -27,7 +31,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="PRESET_OR_YAML",
                    help=f"a preset ({', '.join(sorted(PRESETS))}) or a YAML file (default {DEFAULT_PRESET})")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="bf16 autocast or fp32 (default)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="fp32 (default), bf16 autocast, or fp16 autocast with a gradient scaler (GPUs without "
+                        "bf16: V100, T4)")
     p.add_argument("--workers", type=int, default=None, help="data-loading worker processes")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None,

@@ -60,6 +60,9 @@ class ModelConfig:
     head_hidden: int = 2048            # projection head: 2 hidden layers of this width ...
     head_bottleneck: int = 256         # ... then an L2-normalised bottleneck
     num_prototypes: int = 4096         # K
+    # Recompute each encoder block in the backward pass instead of storing its activations: ~1/3 more compute,
+    # activation memory of one block instead of all (on by default for the ViT-L/H presets).
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -72,12 +75,19 @@ class LossConfig:
     weight_position: float = 1.0
     weight_cluster: float = 1.0
     weight_memax: float = 1.0
+    # Small-batch mode: Sinkhorn also sees the teacher embeddings of this many recent reference tokens per
+    # rank (re-scored with the current prototypes, as SwAV's queue), so its per-prototype sums do not rest on
+    # one small batch. 0 = off (the official code). See docs/benchmarks.md for its measured effect.
+    queue_size: int = 0
 
 
 @dataclass
 class OptimConfig:
     epochs: int = 100
-    batch_size: int = 1024             # global batch
+    batch_size: int = 1024             # global batch: split over the ranks of a torchrun job
+    # Split each rank's share of the batch into this many micro-batches, forward/backward one at a time
+    # (memory of one micro-batch). Sinkhorn and me-max then run per micro-batch (over all ranks).
+    accumulation_steps: int = 1
     lr: Optional[float] = None         # peak lr; None = base_lr * batch_size / 1024
     base_lr: float = 1e-3
     warmup_epochs: float = 15.0
@@ -93,7 +103,7 @@ class OptimConfig:
 class RunConfig:
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda | cuda:N | mps
-    precision: str = "fp32"            # fp32 | bf16
+    precision: str = "fp32"            # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler: V100, T4)
     workers: int = 2
     log_every: int = 10                # steps between metrics.jsonl lines
     checkpoint_every: int = 500        # steps between checkpoints (also at each epoch end and at the stop)
@@ -168,7 +178,9 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     f"vit_{name}_16": {"model": {"width": w, "depth": d, "heads": h}}
     for name, (w, d, h) in _VIT_SIZES.items()
 }
-PRESETS["vit_tiny_16"]["model"].update(head_hidden=1024)  # scale the 2048-wide head down with the model
+PRESETS["vit_tiny_16"]["model"].update(head_hidden=1024)
+for _big in ("vit_large_16", "vit_huge_16"):
+    PRESETS[_big]["model"]["grad_checkpointing"] = True  # scale the 2048-wide head down with the model
 PRESETS["cpu_demo"] = {
     # 64 px reference (8x8 patches of 8 px), one 64 px random query cut to ~36 % of its tokens, 4 focal
     # 32 px queries. 5,000 images x 12 epochs: 25 min measured on a 2-core AVX2 machine, the ~7 min it was
@@ -388,7 +400,11 @@ def validate(cfg: Config) -> None:
     need(r.device in ("auto", "cpu", "mps") or r.device == "cuda" or
          (r.device.startswith("cuda:") and r.device[5:].isdigit()),
          f"run.device={r.device!r}: allowed auto, cpu, cuda, cuda:N or mps")
-    need(r.precision in ("fp32", "bf16"), f"run.precision={r.precision!r}: allowed fp32 or bf16")
+    need(r.precision in ("fp32", "bf16", "fp16"), f"run.precision={r.precision!r}: allowed fp32, bf16 or fp16")
+    need(o.accumulation_steps >= 1, f"optim.accumulation_steps={o.accumulation_steps}: must be >= 1")
+    need(o.batch_size % o.accumulation_steps == 0, f"optim.accumulation_steps={o.accumulation_steps}: must "
+         f"divide optim.batch_size={o.batch_size}")
+    need(lo.queue_size >= 0, f"loss.queue_size={lo.queue_size}: must be >= 0 (0 = no queue)")
     need(r.workers >= 0, f"run.workers={r.workers}: must be >= 0")
     need(r.log_every >= 1 and r.checkpoint_every >= 1, "run.log_every and run.checkpoint_every must be >= 1")
     need(r.max_steps is None or r.max_steps >= 1, f"run.max_steps={r.max_steps}: must be >= 1")

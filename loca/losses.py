@@ -2,8 +2,9 @@
 
 Rows are query tokens; a label of -1 marks a token outside the reference (not in Omega): it has weight 0 in
 both cross-entropies but still counts in the me-max mean. Cross-rank statistics are exact under DDP: Sinkhorn's
-column sums are all-reduced, and me-max uses the global mean prediction with a gradient that DDP's averaging
-turns into the gradient of the global term.
+column sums are all-reduced; the cross-entropies divide by the global |Omega| (over ranks) times the world size,
+so DDP's gradient averaging yields the gradient of the global mean; and me-max uses the global mean prediction
+with a gradient that DDP's averaging turns into the gradient of the global term.
 """
 from __future__ import annotations
 
@@ -30,18 +31,35 @@ def sinkhorn(probs: torch.Tensor, iters: int = 3) -> torch.Tensor:
     return p
 
 
-def teacher_targets(teacher_logits: torch.Tensor, tau: float, iters: int) -> torch.Tensor:
-    """Cluster assignments of every reference token: Sinkhorn(softmax(cosines / tau)). (..., K) in, same out."""
+def teacher_targets(teacher_logits: torch.Tensor, tau: float, iters: int,
+                    queued_logits: torch.Tensor = None) -> torch.Tensor:
+    """Cluster assignments of every reference token: Sinkhorn(softmax(cosines / tau)). (..., K) in, same out.
+    ``queued_logits`` (Q, K), the cosines of queued earlier tokens, join the Sinkhorn normalisation only."""
     shape = teacher_logits.shape
-    probs = torch.softmax(teacher_logits.detach().float().reshape(-1, shape[-1]) / tau, dim=-1)
-    return sinkhorn(probs, iters).reshape(shape)
+    logits = teacher_logits.detach().float().reshape(-1, shape[-1])
+    n = logits.shape[0]
+    if queued_logits is not None and queued_logits.shape[0]:
+        logits = torch.cat([logits, queued_logits.detach().float()])
+    probs = torch.softmax(logits / tau, dim=-1)
+    return sinkhorn(probs, iters)[:n].reshape(shape)
+
+
+def omega_size(valid: torch.Tensor) -> torch.Tensor:
+    """|Omega| as each rank's share of the global count: sum over ranks / world size (the local count when
+    single-process). Dividing a local sum by it makes DDP's averaged gradient that of the global mean."""
+    count = valid.sum().float()
+    if _distributed():
+        count = count.clone()
+        dist.all_reduce(count)
+        count /= dist.get_world_size()
+    return count
 
 
 def localization_loss(position_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the reference position of each query token, summed over Omega / (|Omega| + 1e-8)."""
     valid = labels >= 0
     ce = F.cross_entropy(position_logits.float(), labels.clamp(min=0), reduction="none")
-    return (ce * valid).sum() / (valid.sum() + 1e-8)
+    return (ce * valid).sum() / (omega_size(valid) + 1e-8)
 
 
 def student_log_probs(student_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -54,7 +72,7 @@ def cluster_loss(log_probs: torch.Tensor, targets: torch.Tensor, labels: torch.T
     prediction (``log_probs`` from :func:`student_log_probs`), over Omega / (|Omega| + 1e-8)."""
     valid = labels >= 0
     ce = -(targets * log_probs).sum(-1)
-    return (ce * valid).sum() / (valid.sum() + 1e-8)
+    return (ce * valid).sum() / (omega_size(valid) + 1e-8)
 
 
 def global_mean(local_mean: torch.Tensor) -> torch.Tensor:
@@ -77,6 +95,34 @@ def memax_loss(mean_probs: torch.Tensor) -> torch.Tensor:
     """Negative entropy of the mean prediction, sum_k p_k log p_k (minimum -ln K at uniform use). The clamp only
     acts on probabilities below 1e-30 (where the official code would return NaN)."""
     return (mean_probs * torch.log(mean_probs.clamp_min(1e-30))).sum()
+
+
+class EmbeddingQueue:
+    """The last ``size`` teacher embeddings of reference tokens (a ring buffer, oldest overwritten first), for
+    the small-batch Sinkhorn of ``loss.queue_size``. Its state goes into checkpoints for exact resume."""
+
+    def __init__(self, size: int, dim: int, device):
+        self.items = torch.zeros(size, dim, device=device)
+        self.filled, self.pos = 0, 0
+
+    def contents(self) -> torch.Tensor:
+        return self.items[:self.filled]
+
+    @torch.no_grad()
+    def push(self, z: torch.Tensor) -> None:
+        z = z.detach().float().reshape(-1, self.items.shape[1])[-self.items.shape[0]:]
+        n, size = z.shape[0], self.items.shape[0]
+        idx = (self.pos + torch.arange(n, device=z.device)) % size
+        self.items[idx] = z.to(self.items.device)
+        self.pos = (self.pos + n) % size
+        self.filled = min(size, self.filled + n)
+
+    def state_dict(self):
+        return {"items": self.items.cpu(), "filled": self.filled, "pos": self.pos}
+
+    def load_state_dict(self, state) -> None:
+        self.items.copy_(state["items"])
+        self.filled, self.pos = int(state["filled"]), int(state["pos"])
 
 
 def gather_targets(targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, get_act_layer, lecun_normal_, resample_abs_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 from .config import Config
@@ -45,6 +46,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.vit = VisionTransformer(drop_path_rate=cfg.model.drop_path, weight_init="skip", **timm_kwargs(cfg))
         self.grid = tuple(self.vit.patch_embed.grid_size)
+        self.grad_checkpointing = cfg.model.grad_checkpointing
 
     @property
     def width(self) -> int:
@@ -60,7 +62,11 @@ class Encoder(nn.Module):
         x = x.reshape(b, h * w, c) + self.position_embedding((h, w))
         if keep is not None:
             x = x[:, keep]
-        return self.vit.norm(self.vit.blocks(x))
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(self.vit.blocks, x)  # timm's: recompute each block in the backward pass
+        else:
+            x = self.vit.blocks(x)
+        return self.vit.norm(x)
 
 
 class ProjectionHead(nn.Module):
@@ -74,11 +80,16 @@ class ProjectionHead(nn.Module):
                                  nn.Linear(hidden, bottleneck))
         self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         z = self.mlp(tokens)
-        z = z / z.norm(dim=-1, keepdim=True)  # the official code adds no epsilon here
+        return z / z.norm(dim=-1, keepdim=True)  # the official code adds no epsilon here
+
+    def cosines(self, z: torch.Tensor) -> torch.Tensor:
         protos = self.prototypes / (self.prototypes.norm(dim=-1, keepdim=True) + 1e-10)
         return z @ protos.t()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.cosines(self.embed(tokens))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -119,6 +130,22 @@ class LOCA(nn.Module):
 
     def position_logits(self, query_tokens: torch.Tensor, reference_tokens: torch.Tensor) -> torch.Tensor:
         return self.position_head(self.final_norm(self.cross_block(query_tokens, reference_tokens)))
+
+    def forward(self, random_query: Optional[torch.Tensor], random_keep: Optional[torch.Tensor],
+                focal_query: Optional[torch.Tensor], reference_tokens: torch.Tensor):
+        """The student's whole pass (one call, so DistributedDataParallel sees it): the random query
+        (B, 3, S, S) with its kept token indices and the focal queries (B, Qf, 3, s, s), either may be None,
+        attend to the visible reference tokens (B, kept, C). Returns the cluster cosines (B, M, K) and the
+        position logits (B, M, N_ref) of all M query tokens, random query first."""
+        tokens = []
+        if random_query is not None:
+            tokens.append(self.encoder(random_query, keep=random_keep))
+        if focal_query is not None:
+            b = focal_query.shape[0]
+            tokens.append(self.encoder(focal_query.flatten(0, 1)).reshape(b, -1, self.encoder.width))
+        # The cross-attention is per query token, so all queries of an image attend to its reference at once.
+        query_tokens = torch.cat(tokens, dim=1)
+        return self.proj_head(query_tokens), self.position_logits(query_tokens, reference_tokens)
 
 
 def _xavier_blocks_(weight: torch.Tensor, blocks: int) -> None:

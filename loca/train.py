@@ -19,9 +19,12 @@ from typing import Dict, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .checkpoint import export_backbone, load_checkpoint, save_checkpoint
 from .config import Config, dump_config
 from .data import LOCADataset, StepBatchSampler, build_source, collate
+from .distributed import World, world_from_env
+from .losses import EmbeddingQueue
 from .method import loca_forward
 from .model import LOCA
 from .schedules import ema_momentum, learning_rate
@@ -83,30 +86,54 @@ def _format_eta(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
 def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
+    """Pretrain with ``cfg`` on ``data`` (None: the built-in default), writing to ``out``. Under torchrun every
+    rank calls this; rank 0 alone logs and writes checkpoints and the backbone."""
     out = Path(out)
+    world = world_from_env()
+    device = distributed.init(world, resolve_device(cfg.run.device))
+    if not world.main:
+        log = _quiet
+    try:
+        return _pretrain(cfg, data, out, log, world, device)
+    finally:
+        distributed.shutdown()
+
+
+def _pretrain(cfg: Config, data: Optional[str], out: Path, log, world: World, device: torch.device) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.run.device)
     seed = cfg.run.seed
 
     source = build_source(data, cfg)
     dataset = LOCADataset(source, cfg, seed)
     batch = cfg.optim.batch_size
+    accumulation = cfg.optim.accumulation_steps
     if batch > len(dataset):
         raise TrainingError(f"optim.batch_size={batch} is larger than the data set ({len(dataset)} images "
                             f"in {data or 'the built-in default'}); lower it, e.g. optim.batch_size="
                             f"{max(1, len(dataset) // 2)}")
+    if batch % (world.size * accumulation):
+        raise TrainingError(f"optim.batch_size={batch} (the global batch) must be divisible by the world size "
+                            f"{world.size} x optim.accumulation_steps={accumulation}")
     steps_per_epoch = len(dataset) // batch
     total_steps = cfg.optim.epochs * steps_per_epoch
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     stop_step = min(total_steps, cfg.run.max_steps or total_steps)
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     student = LOCA(cfg).to(device)
     teacher = copy.deepcopy(student)  # a copy, not an alias: updated only by the EMA
     for p in teacher.parameters():
         p.requires_grad_(False)
     optimizer = build_optimizer(student, cfg)
+    precision = cfg.run.precision
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    queue = (EmbeddingQueue(cfg.loss.queue_size, cfg.model.head_bottleneck, device)
+             if cfg.loss.queue_size else None)
 
     ckpt_path = out / "checkpoints" / "last.pt"
     start_step = 0
@@ -119,10 +146,10 @@ def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
             raise TrainingError(f"{ckpt_path}: its architecture differs from this config ({'; '.join(arch)}); "
                                 f"use another --out or the same config")
         other = [f"{k}: {a} -> {b}" for k, (a, b) in changed.items() if not k.startswith("run.")]
-        if other:
+        if other and world.main:
             warnings.warn(f"resuming {ckpt_path} with changed settings ({'; '.join(other)}): the schedules or "
                           f"views differ from the run that wrote it", stacklevel=1)
-        if state.get("num_images") not in (None, len(dataset)):
+        if state.get("num_images") not in (None, len(dataset)) and world.main:
             warnings.warn(f"resuming {ckpt_path} on {len(dataset)} images; it was written on "
                           f"{state['num_images']}: the data order differs from the original run", stacklevel=1)
         try:
@@ -133,44 +160,65 @@ def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
                                 ) from None
         if state.get("optimizer"):
             optimizer.load_state_dict(state["optimizer"])
+        extra = state.get("extra") or {}
+        if queue is not None and extra.get("queue") is not None \
+                and tuple(extra["queue"]["items"].shape) == tuple(queue.items.shape):
+            queue.load_state_dict(extra["queue"])
+        if scaler.is_enabled() and extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
         start_step = int(state["step"])
-        log(f"resuming from {ckpt_path} at step {start_step}")
+        saved_world = extra.get("world_size", 1)
+        log(f"resuming from {ckpt_path} at step {start_step}" +
+            (f" (written by {saved_world} processes, now {world.size})" if saved_world != world.size else ""))
         if start_step >= total_steps:
             log(f"note: step {start_step} is already the end of this schedule ({total_steps} steps); raise "
                 f"optim.epochs to train further (or convert with --reset-step to start a new schedule)")
-    dump_config(cfg, out / "config.yaml")
+
+    ddp_student = student
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        # With eta = 1 the cross-attention sees no reference token, so its attention weights get no gradient.
+        ddp_student = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None,
+                                              find_unused_parameters=cfg.reference_kept == 0)
 
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+    writer = None
+    if world.main:
+        dump_config(cfg, out / "config.yaml")
+        _truncate_metrics(metrics_path, start_step)
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
-    sampler = StepBatchSampler(len(dataset), batch, seed, start_step, stop_step)
+    sampler = StepBatchSampler(len(dataset), batch, seed, start_step, stop_step, world.rank, world.size)
     workers = cfg.run.workers
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-                if cfg.run.precision == "bf16" else contextlib.nullcontext())
-    if cfg.run.precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else
+                               torch.float16) if precision in ("bf16", "fp16") else contextlib.nullcontext())
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16() and world.main:
         warnings.warn("this CPU has no native bf16 support (ISA "
                       f"{torch.backends.cpu.get_cpu_capability()}): bf16 autocast runs many times slower than "
                       "fp32 here (25x measured on an AVX2 machine); use --precision fp32", stacklevel=1)
-    interactive = sys.stderr.isatty()
+    interactive = sys.stderr.isatty() and world.main
     progress = None
     if interactive and stop_step > start_step:
         from tqdm import tqdm
         progress = tqdm(total=stop_step, initial=start_step, unit="step", dynamic_ncols=True)
     log(f"pretraining {stop_step - start_step} steps ({start_step} done of {total_steps}; {steps_per_epoch} "
-        f"per epoch, batch {batch}, peak lr {cfg.peak_lr:.3g}) on {device}, {cfg.run.precision}, "
+        f"per epoch, batch {batch}" + (f" = {world.size} processes x {batch // world.size}" if world.distributed
+                                       else "") +
+        (f" in {accumulation} micro-batches" if accumulation > 1 else "") +
+        f", peak lr {cfg.peak_lr:.3g}) on {device}, {precision}, "
         f"{len(dataset)} images from {data or 'the built-in default (scikit-image photos)'}")
 
-    probe = _probe_runner(cfg, device, log) if cfg.run.probe_data else None
+    probe = _probe_runner(cfg, device, log) if cfg.run.probe_data and world.main else None
     skipped_seen = set(getattr(source, "skipped", []))
     step = start_step
     window_start, window_images = time.perf_counter(), 0
     run_start = time.perf_counter()
     student.train()
-    with metrics_path.open("a") as metrics_file:
+    metrics_file = metrics_path.open("a") if world.main else None
+    try:
         for views in loader:
             for name in views.pop("skipped"):
                 if name not in skipped_seen:
@@ -178,46 +226,58 @@ def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
                     warnings.warn(f"skipping unreadable image {name}", stacklevel=1)
             views = {k: v.to(device, non_blocking=True) for k, v in views.items()}
 
-            torch.manual_seed(step_seed(seed, step))
+            # Shared draws (masks, kept tokens) alike on every rank; per-sample ones (drop path) per rank.
+            shared = torch.Generator().manual_seed(step_seed(seed, step))
+            torch.manual_seed(step_seed(seed + 1_000_003 * world.rank, step))
             lr = learning_rate(step, cfg.peak_lr, total_steps, warmup_steps, cfg.optim.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast:
-                loss, stats = loca_forward(student, teacher, views, cfg)
-            terms = {k: float(stats[k]) for k in ("loss_position", "loss_cluster", "loss_memax")}
-            bad = [k for k, v in terms.items() if not math.isfinite(v)]
-            if bad:
-                raise TrainingError(
-                    f"non-finite {', '.join(bad)} at step {step + 1} ({terms}); no checkpoint was written "
-                    f"after the last good one. Try a lower optim.lr, --precision fp32 or a larger batch.")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            micro = views["reference"].shape[0] // accumulation
+            step_stats = []
+            for i in range(accumulation):
+                part = {k: v[i * micro:(i + 1) * micro] for k, v in views.items()} if accumulation > 1 else views
+                sync = i == accumulation - 1 or not world.distributed
+                with (contextlib.nullcontext() if sync else ddp_student.no_sync()):
+                    with autocast:
+                        loss, stats = loca_forward(ddp_student, teacher, part, cfg, shared, queue)
+                    terms = distributed.mean_over_ranks(torch.stack(
+                        [stats[k].float() for k in ("loss_position", "loss_cluster", "loss_memax")]))
+                    bad = [k for k, v in zip(("loss_position", "loss_cluster", "loss_memax"), terms.tolist())
+                           if not math.isfinite(v)]
+                    if bad:
+                        raise TrainingError(
+                            f"non-finite {', '.join(bad)} at step {step + 1} ({terms.tolist()}); no checkpoint "
+                            f"was written after the last good one. Try a lower optim.lr, --precision fp32 or a "
+                            f"larger batch.")
+                    scaler.scale(loss / accumulation).backward()
+                step_stats.append(stats)
+            scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip))
-            if not math.isfinite(grad_norm):
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():
                 raise TrainingError(f"non-finite gradient norm at step {step + 1} (loss {float(loss):.4g}); "
                                     f"no checkpoint written. Try a lower optim.lr or --precision fp32.")
-            optimizer.step()
+            scaler.step(optimizer)  # with fp16, a step whose gradients overflowed is skipped and the scale lowered
+            scaler.update()
             momentum = ema_momentum(step, total_steps, cfg.optim.momentum_start)
             ema_update(teacher, student, momentum)
             step += 1
             window_images += batch
 
             if step % cfg.run.log_every == 0 or step == stop_step:
+                record = _step_record(step_stats, world)
                 elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr, "momentum": momentum,
-                    "loss": float(stats["loss"]), **terms,
-                    "position_accuracy": float(stats["correct"] / stats["valid"].clamp_min(1)),
-                    "cluster_entropy": float(stats["cluster_entropy"]),
-                    "prediction_entropy": float(stats["prediction_entropy"]),
-                    "grad_norm": grad_norm,
-                    "images_per_second": window_images / max(elapsed, 1e-9),
-                }
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                for k, v in record.items():
-                    if k != "step":
-                        writer.add_scalar(f"train/{k}", v, step)
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr, "momentum": momentum,
+                          **record, "grad_norm": grad_norm,
+                          "images_per_second": window_images / max(elapsed, 1e-9)}
+                if scaler.is_enabled():
+                    record["grad_scale"] = float(scaler.get_scale())
+                if world.main:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    for k, v in record.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, step)
                 window_start, window_images = time.perf_counter(), 0
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.3f}", pos=f"{record['loss_position']:.3f}",
@@ -227,8 +287,8 @@ def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
                     done = step - start_step
                     eta = (time.perf_counter() - run_start) / done * (stop_step - step)
                     log(f"step {step}/{stop_step} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
-                        f"(position {terms['loss_position']:.4f}, cluster {terms['loss_cluster']:.4f}, "
-                        f"me-max {terms['loss_memax']:.4f}) accuracy {record['position_accuracy']:.3f} "
+                        f"(position {record['loss_position']:.4f}, cluster {record['loss_cluster']:.4f}, "
+                        f"me-max {record['loss_memax']:.4f}) accuracy {record['position_accuracy']:.3f} "
                         f"lr {lr:.3g} {record['images_per_second']:.1f} img/s ETA {_format_eta(eta)}")
             if progress is not None:
                 progress.update(1)
@@ -240,19 +300,39 @@ def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
                 metrics_file.flush()
                 writer.add_scalar("probe/miou", scores["miou"], step)
                 log(f"step {step}: linear probe mIoU {scores['miou']:.2f} on {cfg.run.probe_data}")
-            if step % cfg.run.checkpoint_every == 0 or epoch_done or step == stop_step:
-                save_checkpoint(ckpt_path, student, teacher, optimizer, step, cfg, len(dataset))
-    if progress is not None:
-        progress.close()
-    writer.close()
-    if step > start_step or not (out / "backbone.safetensors").exists():
+            if world.main and (step % cfg.run.checkpoint_every == 0 or epoch_done or step == stop_step):
+                extra = {"world_size": world.size,
+                         "queue": queue.state_dict() if queue is not None else None,
+                         "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+                save_checkpoint(ckpt_path, student, teacher, optimizer, step, cfg, len(dataset), extra)
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+        if progress is not None:
+            progress.close()
+        if writer is not None:
+            writer.close()
+    if world.main and (step > start_step or not (out / "backbone.safetensors").exists()):
         export_backbone(out / "backbone.safetensors", teacher, cfg, "teacher", step)
+    distributed.barrier()  # no rank leaves (and tears the group down) before rank 0 has written everything
     n_skipped = len(skipped_seen)
     if n_skipped:
         log(f"skipped {n_skipped} unreadable image(s) in total")
     log(f"done: step {step} of {total_steps}. Results in {out}: config.yaml, metrics.jsonl, tensorboard/, "
         f"checkpoints/last.pt, backbone.safetensors")
     return {"step": step, "total_steps": total_steps, "skipped": n_skipped, "out": str(out)}
+
+
+def _step_record(step_stats, world: World) -> Dict[str, float]:
+    """The logged statistics of one step: means of the loss terms and entropies over micro-batches and ranks,
+    position accuracy from the summed counts."""
+    keys = ("loss", "loss_position", "loss_cluster", "loss_memax", "cluster_entropy", "prediction_entropy")
+    means = torch.stack([torch.stack([s[k].float() for k in keys]) for s in step_stats]).mean(0)
+    counts = torch.stack([torch.stack([s["correct"], s["valid"]]) for s in step_stats]).sum(0)
+    reduced = distributed.mean_over_ranks(torch.cat([means, counts.float()]))
+    record = {k: float(v) for k, v in zip(keys, reduced[:len(keys)])}
+    record["position_accuracy"] = float(reduced[-2] / reduced[-1].clamp_min(1e-9))
+    return record
 
 
 def _probe_runner(cfg: Config, device: torch.device, log):

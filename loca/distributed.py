@@ -1,0 +1,66 @@
+"""Multi-process training with PyTorch's own engine: ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK and the
+rendezvous, we join the process group (NCCL on CUDA, gloo on CPU) and wrap the student in
+DistributedDataParallel. Without torchrun (no WORLD_SIZE), everything here is a no-op and the run is one process.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world_from_env() -> World:
+    """The process's place in a torchrun job, from the environment torchrun sets (1 process otherwise)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return World(rank=int(os.environ.get("RANK", "0")), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(world: World, device: torch.device) -> torch.device:
+    """Join the process group; on CUDA each process takes the GPU of its local rank. Returns the device."""
+    if not world.distributed:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # A rank that waits longer than this for the others (e.g. one died) fails instead of hanging forever.
+        timeout = datetime.timedelta(seconds=float(os.environ.get("LOCA_DIST_TIMEOUT", "1800")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a (small) tensor; itself when single-process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    values = values.detach().clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
