@@ -1,11 +1,13 @@
 """Benchmark the LOCA training step: images/s, peak memory, and achieved FLOP/s as a fraction of this machine's
-matmul throughput measured in the same run (fp32 and bf16). Writes a markdown report.
+matmul throughput measured in the same run (fp32 and bf16); beside it a plain supervised step of the same ViT
+at the same resolution (classification head, cross-entropy, AdamW), and the view pipeline (the per-image
+worker path and the batched path of views.device_views). Writes a markdown report.
 
     python benchmarks/bench_step.py                       # vit_small_16 @16 and cpu_demo @64, fp32 + bf16
     python benchmarks/bench_step.py --configs cpu_demo:64 --precisions fp32 --steps 8
 
-Each (config, precision) runs in its own process so its peak memory is its own. Data loading is excluded
-(synthetic views of the right shapes); the view pipeline is measured separately (--views).
+Each (config, precision, kind) runs in its own process so its peak memory is its own. Data loading is excluded
+from the step (synthetic views of the right shapes); the view pipeline is measured on its own.
 """
 from __future__ import annotations
 
@@ -52,7 +54,31 @@ def synthetic_batch(cfg, batch: int):
     }
 
 
-def child(preset: str, batch: int, precision: str, steps: int, budget_s: float) -> dict:
+def supervised_step(cfg, batch: int, precision: str, device: str = "cpu"):
+    """A plain supervised step of the same encoder at the reference resolution: 1000-way linear head on the
+    average-pooled tokens, cross-entropy, AdamW, gradient clipping."""
+    import timm
+
+    from loca.model import timm_kwargs, timm_model_name
+    kwargs = dict(timm_kwargs(cfg), num_classes=1000, drop_path_rate=cfg.model.drop_path)
+    model = timm.create_model(timm_model_name(cfg), pretrained=False, **kwargs).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    g = torch.Generator().manual_seed(0)
+    size = cfg.views.reference_size
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return step
+
+
+def child(preset: str, batch: int, precision: str, steps: int, budget_s: float, kind: str = "loca") -> dict:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -72,7 +98,7 @@ def child(preset: str, batch: int, precision: str, steps: int, budget_s: float) 
         group["lr"] = 1e-4
     views = synthetic_batch(cfg, batch)
 
-    def step():
+    def loca_step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss, _ = loca_forward(student, teacher, views, cfg)
         opt.zero_grad(set_to_none=True)
@@ -80,6 +106,8 @@ def child(preset: str, batch: int, precision: str, steps: int, budget_s: float) 
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         ema_update(teacher, student, 0.996)
+
+    step = loca_step if kind == "loca" else supervised_step(cfg, batch, precision)
 
     with FlopCounterMode(display=False) as counter:
         step()  # also the warm-up step
@@ -97,7 +125,7 @@ def child(preset: str, batch: int, precision: str, steps: int, budget_s: float) 
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     median = statistics.median(times)
     return {
-        "preset": preset, "batch": batch, "precision": precision, "steps_timed": len(times),
+        "preset": preset, "kind": kind, "batch": batch, "precision": precision, "steps_timed": len(times),
         "step_s": median, "images_per_s": batch / median, "gflop_per_image": flops / batch / 1e9,
         "achieved_gflops": flops / median / 1e9,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2,
@@ -105,17 +133,29 @@ def child(preset: str, batch: int, precision: str, steps: int, budget_s: float) 
     }
 
 
-def views_rate(preset: str, images: int = 64) -> float:
+def views_rate(preset: str, images: int = 64) -> dict:
+    """Images/s of the view pipeline in this one process (= one DataLoader worker), decode of the built-in
+    photos included: the per-image worker path, and the batched path (workers decode and plan, then one
+    render of the batch, here on the CPU: on a GPU it runs on the GPU)."""
     from loca.config import load_config
-    from loca.data import BuiltinPhotos, LOCADataset
+    from loca.data import BuiltinPhotos, LOCADataset, collate
+    from loca.views import render_views
 
-    cfg = load_config(preset)
-    dataset = LOCADataset(BuiltinPhotos(images, size=2 * cfg.views.reference_size), cfg, seed=0)
-    dataset[0]
-    t = time.perf_counter()
-    for i in range(images):
-        dataset[i]
-    return images / (time.perf_counter() - t)
+    out = {}
+    for path in ("worker", "batched"):
+        cfg = load_config(preset, ["views.device_views=true"] if path == "batched" else [])
+        dataset = LOCADataset(BuiltinPhotos(images, size=2 * cfg.views.reference_size), cfg, seed=0)
+        dataset[0]
+        rates = []
+        for _ in range(3):
+            t = time.perf_counter()
+            batch = collate([dataset[i] for i in range(images)])
+            if path == "batched":
+                batch.pop("skipped")
+                render_views(batch.pop("image"), batch, cfg)
+            rates.append(images / (time.perf_counter() - t))
+        out[path] = statistics.median(rates)
+    return out
 
 
 def main() -> None:
@@ -126,11 +166,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=90.0, help="seconds of timed steps per config at most")
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--child", nargs=4, metavar=("PRESET", "BATCH", "PRECISION", "STEPS"))
+    parser.add_argument("--kind", default="loca", choices=["loca", "supervised"])
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     if args.child:
         preset, batch, precision, steps = args.child
-        print(json.dumps(child(preset, int(batch), precision, int(steps), args.budget)))
+        print(json.dumps(child(preset, int(batch), precision, int(steps), args.budget, args.kind)))
         return
 
     rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
@@ -144,15 +185,17 @@ def main() -> None:
                 skipped.append(f"{preset} bf16: skipped, this CPU has no native bf16 (emulated bf16 is many "
                                f"times slower than fp32; see the cpu_demo bf16 row)")
                 continue
-            out = subprocess.run([sys.executable, __file__, "--child", preset, batch, precision, str(args.steps),
-                                  "--budget", str(args.budget)], capture_output=True, text=True)
-            if out.returncode != 0:
-                print(out.stderr, file=sys.stderr)
-                continue
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            row["fraction_of_matmul"] = row["achieved_gflops"] * 1e9 / rates[precision]
-            rows.append(row)
-            print(json.dumps(row))
+            for kind in ("loca", "supervised"):
+                out = subprocess.run([sys.executable, __file__, "--child", preset, batch, precision,
+                                      str(args.steps), "--kind", kind, "--budget", str(args.budget)],
+                                     capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(out.stderr, file=sys.stderr)
+                    continue
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                row["fraction_of_matmul"] = row["achieved_gflops"] * 1e9 / rates[precision]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     view_rows = {p.split(":")[0]: views_rate(p.split(":")[0]) for p in args.configs.split(",")}
     write_report(Path(args.out), rates, rows, view_rows, skipped)
 
@@ -181,21 +224,37 @@ def write_report(path: Path, rates, rows, view_rows, skipped=()) -> None:
         f"bf16 **{rates['bf16'] / 1e9:.3g} GFLOP/s**"
         + ("" if fast_bf16_note() else " (no native bf16 on this CPU: oneDNN emulates it)") + ".",
         "",
-        "| preset | batch | precision | step (s) | img/s | GFLOP/img | achieved GFLOP/s | of matmul rate | peak RSS (GB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| preset | kind | batch | precision | step (s) | img/s | GFLOP/img | GFLOP/s | of matmul | peak RSS (GB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['batch']} | {r['precision']} | {r['step_s']:.3f} | "
+        lines.append(f"| {r['preset']} | {r['kind']} | {r['batch']} | {r['precision']} | {r['step_s']:.3f} | "
                      f"{r['images_per_s']:.1f} | {r['gflop_per_image']:.2f} | {r['achieved_gflops']:.0f} | "
                      f"{100 * r['fraction_of_matmul']:.0f} % | {r['peak_rss_gb']:.2f} |")
     lines += [""] + [f"- {note}" for note in skipped] if skipped else []
+    lines += ["", "LOCA's per-image cost / a supervised step's per-image cost (same ViT, same resolution, same "
+              "precision), beside the ratio of their FLOPs (below 1 on the cost side of the FLOP ratio means the "
+              "LOCA step is the more efficient one):", ""]
+    for r in rows:
+        sup = [s for s in rows if s["kind"] == "supervised" and s["preset"] == r["preset"]
+               and s["precision"] == r["precision"]]
+        if r["kind"] == "loca" and sup:
+            cost = sup[0]["images_per_s"] / r["images_per_s"]
+            flops = r["gflop_per_image"] / sup[0]["gflop_per_image"]
+            lines.append(f"- {r['preset']} {r['precision']}: cost ratio **{cost:.2f}x**, FLOP ratio {flops:.2f}x "
+                         f"(efficiency {flops / cost:.2f} of the supervised step's)")
     lines += ["", "Where the time goes (share of self CPU time in one profiled step, top ops):", ""]
     for r in rows:
         ops = ", ".join(f"{k} {v} %" for k, v in r["where_time_goes"])
-        lines.append(f"- {r['preset']} {r['precision']}: {ops}")
-    lines += ["", "View generation (one process, decode of the built-in photos included):", ""]
+        lines.append(f"- {r['preset']} {r['kind']} {r['precision']}: {ops}")
+    lines += ["", "View generation in one process (= one DataLoader worker), decode of the built-in photos "
+              "included, 1 reference + all queries per image; and ÷ the fp32 LOCA step's consumption:", ""]
     for preset, rate in view_rows.items():
-        lines.append(f"- {preset}: {rate:.0f} images/s (1 reference + all queries each)")
+        step = [r for r in rows if r["preset"] == preset and r["kind"] == "loca" and r["precision"] == "fp32"]
+        need = f" = {rate['worker'] / step[0]['images_per_s']:.1f}x the step's {step[0]['images_per_s']:.1f} img/s" \
+            if step else ""
+        lines.append(f"- {preset}: worker path {rate['worker']:.0f} images/s{need}; batched path (decode + plan in "
+                     f"the worker, one render of 64 images on this CPU) {rate['batched']:.0f} images/s")
     path.parent.mkdir(parents=True, exist_ok=True)
     marker = "<!-- measured results above; notes below are kept -->"
     notes = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else ""

@@ -46,6 +46,10 @@ class ViewConfig:
     blur_p: Tuple[float, float, float] = (1.0, 0.1, 0.5)  # reference, random query, focal queries
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Workers only decode and draw the random parameters; crops, flips and colour operations of the whole batch
+    # run batched on the training device (same labels and pixels as the worker path). For GPU training whose
+    # data loading cannot keep up with the step.
+    device_views: bool = False
 
 
 @dataclass

@@ -18,7 +18,7 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
 from .config import Config
-from .views import make_views
+from .views import make_views, pad_images, plan_views
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
@@ -175,13 +175,19 @@ class LOCADataset(Dataset):
         else:
             raise DataError("no image of the data set could be decoded")
         rng = np.random.default_rng([self.seed, epoch, index])
-        sample = make_views(image, self.cfg, rng)
+        if self.cfg.views.device_views:  # decode and plan only; render_views cuts the pixels on the device
+            sample = plan_views(image.shape[1], image.shape[2], self.cfg, rng)
+            sample["image"] = image
+        else:
+            sample = make_views(image, self.cfg, rng)
         sample["skipped"] = skipped
         return sample
 
 
 def collate(samples: List[Dict]) -> Dict:
-    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "skipped"}
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k not in ("skipped", "image")}
+    if "image" in samples[0]:
+        batch["image"] = pad_images([s["image"] for s in samples])
     batch["skipped"] = [name for s in samples for name in s["skipped"]]
     return batch
 
@@ -218,3 +224,138 @@ class StepBatchSampler:
                 mine = chunk[self.rank * per_rank:(self.rank + 1) * per_rank]
                 yield [int(epoch * self.n + i) for i in mine]
                 step += 1
+
+
+# ---- web-scale input: tar shards (the webdataset layout) --------------------------------------------------
+# Read with the standard library's streaming tarfile: LOCA needs only each sample's image, and this keeps
+# the shard-to-rank-to-worker split (which determines what every process sees) explicit and tested.
+
+def is_shard_pattern(data: Optional[str]) -> bool:
+    return bool(data) and (str(data).endswith(".tar") or ("{" in str(data) and ".tar" in str(data)))
+
+
+def expand_braces(pattern: str) -> List[str]:
+    """Bash-style ``{0000..0099}`` ranges (zero padding kept) and ``{a,b}`` lists, as webdataset writes them."""
+    import re
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[:match.start()], pattern[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [p for item in items for p in expand_braces(head + item + tail)]
+
+
+def shards_for(shards: List[str], epoch: int, seed: int, rank: int, world: int, worker: int,
+               workers: int) -> List[str]:
+    """The shards one DataLoader worker of one rank reads in an epoch: a permutation seeded by (seed, epoch),
+    dealt round-robin over all rank x worker slots, so every shard is read once per epoch by one process."""
+    order = np.random.default_rng([seed, 104729, epoch]).permutation(len(shards))
+    slot, slots = rank * workers + worker, world * workers
+    return [shards[i] for i in order[slot::slots]]
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches of LOCA views of the images in tar shards, streamed (each shard read once, front to back).
+    Sharded by rank and DataLoader worker; a sample's views are seeded by (seed, epoch, its shard and member
+    name). Members that are not images are ignored; images that do not decode are skipped with a warning.
+    Endless: the training loop stops at its step count, epoch after epoch."""
+
+    def __init__(self, pattern: str, cfg: Config, seed: int, batch_size: int, rank: int = 0, world: int = 1,
+                 workers: int = 0, start_epoch: int = 0):
+        self.shards = expand_braces(str(pattern))
+        missing = [s for s in self.shards if not Path(s).is_file()]
+        if missing:
+            raise DataError(f"--data {pattern}: {len(missing)} of {len(self.shards)} shards do not exist "
+                            f"(first: {missing[0]})")
+        slots = world * max(1, workers)
+        if len(self.shards) < slots:
+            raise DataError(f"--data {pattern}: {len(self.shards)} shard(s) for {world} process(es) x "
+                            f"{max(1, workers)} worker(s); each needs at least one shard (use fewer "
+                            f"--workers or more shards)")
+        self.cfg, self.seed, self.rank, self.world, self.start_epoch = cfg, seed, rank, world, start_epoch
+        self.batch_size = batch_size
+        self.num_images = sum(self._count(s) for s in self.shards)
+        if not self.num_images:
+            raise DataError(f"--data {pattern}: no image member ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the "
+                            f"shards")
+        self.skipped: List[str] = []
+
+    @staticmethod
+    def _is_image(name: str) -> bool:
+        return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+    def _count(self, shard: str) -> int:
+        import tarfile
+        try:
+            with tarfile.open(shard, "r:*") as tar:
+                return sum(1 for m in tar if m.isfile() and self._is_image(m.name))
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"{shard}: not a readable tar shard ({type(exc).__name__}: {exc})") from None
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def _images(self, shard: str):
+        import io
+        import tarfile
+        with tarfile.open(shard, "r|*") as tar:  # streaming: no seeking, works on pipes and network mounts
+            for member in tar:
+                if not (member.isfile() and self._is_image(member.name)):
+                    continue
+                data = tar.extractfile(member).read()
+                name = f"{shard}:{member.name}"
+                try:
+                    with Image.open(io.BytesIO(data)) as img:
+                        img.load()
+                        arr = pil_to_rgb(img)
+                except Exception as exc:  # noqa: BLE001 - a bad image is skipped, never a crash
+                    yield name, None, f"{name} ({type(exc).__name__}: {exc})"
+                    continue
+                yield name, torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous(), None
+
+    def __iter__(self):
+        """Collated batches of this rank's share (batching happens in the worker, with DataLoader's
+        batch_size=None), endless."""
+        return batch_stream(self._samples(), self.batch_size)
+
+    def _samples(self):
+        import zlib
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.start_epoch
+        while True:
+            for shard in shards_for(self.shards, epoch, self.seed, self.rank, self.world, worker, workers):
+                for name, image, error in self._images(shard):
+                    if image is None:
+                        yield {"skip": error}
+                        continue
+                    rng = np.random.default_rng([self.seed, epoch, zlib.crc32(name.encode())])
+                    if self.cfg.views.device_views:
+                        sample = plan_views(image.shape[1], image.shape[2], self.cfg, rng)
+                        sample["image"] = image
+                    else:
+                        sample = make_views(image, self.cfg, rng)
+                    sample["skipped"] = []
+                    yield sample
+            epoch += 1
+
+
+def batch_stream(samples, per_rank_batch: int):
+    """Group a stream of samples into batches, carrying skipped-image notes into the next batch."""
+    pending, skipped = [], []
+    for sample in samples:
+        if "skip" in sample:
+            skipped.append(sample["skip"])
+            continue
+        pending.append(sample)
+        if len(pending) == per_rank_batch:
+            batch = collate(pending)
+            batch["skipped"] = skipped
+            yield batch
+            pending, skipped = [], []

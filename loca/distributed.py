@@ -43,7 +43,19 @@ def init(world: World, device: torch.device) -> torch.device:
     if not dist.is_initialized():
         # A rank that waits longer than this for the others (e.g. one died) fails instead of hanging forever.
         timeout = datetime.timedelta(seconds=float(os.environ.get("LOCA_DIST_TIMEOUT", "1800")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+            # Keys of each torchrun restart round in their own namespace: after an elastic restart the new
+            # processes must not read the dead ones' addresses (measured: "Connection refused", the restart
+            # never came up, with the plain env:// rendezvous here).
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size,
+                                  is_master=world.rank == 0 and not agent_store, timeout=timeout)
+            round_ = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"loca/round{round_}", store),
+                                    rank=world.rank, world_size=world.size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return device
 
 

@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .checkpoint import export_backbone, load_checkpoint, save_checkpoint
 from .config import Config, dump_config
-from .data import LOCADataset, StepBatchSampler, build_source, collate
+from .data import LOCADataset, ShardStream, StepBatchSampler, build_source, collate, is_shard_pattern
 from .distributed import World, world_from_env
 from .losses import EmbeddingQueue
 from .method import loca_forward
 from .model import LOCA
+from .views import render_views
 from .schedules import ema_momentum, learning_rate
 
 
@@ -108,10 +109,14 @@ def _pretrain(cfg: Config, data: Optional[str], out: Path, log, world: World, de
     out.mkdir(parents=True, exist_ok=True)
     seed = cfg.run.seed
 
-    source = build_source(data, cfg)
-    dataset = LOCADataset(source, cfg, seed)
     batch = cfg.optim.batch_size
     accumulation = cfg.optim.accumulation_steps
+    if is_shard_pattern(data):  # web-scale: tar shards streamed, split over ranks and workers
+        source = dataset = ShardStream(data, cfg, seed, batch // world.size, world.rank, world.size,
+                                       cfg.run.workers)
+    else:
+        source = build_source(data, cfg)
+        dataset = LOCADataset(source, cfg, seed)
     if batch > len(dataset):
         raise TrainingError(f"optim.batch_size={batch} is larger than the data set ({len(dataset)} images "
                             f"in {data or 'the built-in default'}); lower it, e.g. optim.batch_size="
@@ -189,10 +194,16 @@ def _pretrain(cfg: Config, data: Optional[str], out: Path, log, world: World, de
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
-    sampler = StepBatchSampler(len(dataset), batch, seed, start_step, stop_step, world.rank, world.size)
     workers = cfg.run.workers
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    if isinstance(dataset, ShardStream):
+        # A stream has no random access: a resumed run restarts the epoch it stopped in (not bit-exact).
+        dataset.start_epoch = start_step // steps_per_epoch
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                            persistent_workers=workers > 0)
+    else:
+        sampler = StepBatchSampler(len(dataset), batch, seed, start_step, stop_step, world.rank, world.size)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                            pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else
                                torch.float16) if precision in ("bf16", "fp16") else contextlib.nullcontext())
     if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16() and world.main:
@@ -219,12 +230,17 @@ def _pretrain(cfg: Config, data: Optional[str], out: Path, log, world: World, de
     student.train()
     metrics_file = metrics_path.open("a") if world.main else None
     try:
-        for views in loader:
+        for views in (loader if stop_step > start_step else ()):
+            if step >= stop_step:  # a shard stream is endless
+                break
             for name in views.pop("skipped"):
                 if name not in skipped_seen:
                     skipped_seen.add(name)
                     warnings.warn(f"skipping unreadable image {name}", stacklevel=1)
             views = {k: v.to(device, non_blocking=True) for k, v in views.items()}
+            if "image" in views:  # views.device_views: render the planned crops of the whole batch here
+                with torch.no_grad():
+                    views = render_views(views.pop("image"), views, cfg)
 
             # Shared draws (masks, kept tokens) alike on every rank; per-sample ones (drop path) per rank.
             shared = torch.Generator().manual_seed(step_seed(seed, step))

@@ -20,7 +20,8 @@ COMMON = ["--config", "cpu_tiny", "model.drop_path=0", "run.log_every=1"]
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # A rank left waiting for a dead peer fails after 120 s instead of the default 30 min.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LOCA_DIST_TIMEOUT="120")
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -109,15 +110,17 @@ def test_two_gloo_processes_equal_one_process_and_resume_with_another_world_size
 
 
 def _children(pid):
+    """The worker processes torchrun ``pid`` started (its children running ``loca pretrain``)."""
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if int(fields[1]) == pid:
+        if int(fields[1]) == pid and b"pretrain" in cmdline:
             kids.append(int(stat.parent.name))
-    return kids
+    return sorted(kids)
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc (Linux)")

@@ -76,3 +76,45 @@ def test_views_are_deterministic_per_seed_and_labels_follow_geometry():
     box = sample_crop_box(rng, 50, 60, cfg.views.random_query_scale)
     expected = correspondence(ref_box, cfg.reference_grid, box, 32, cfg.random_query_grid, True)
     np.testing.assert_array_equal(a["random_labels"][0].numpy(), expected.reshape(-1))
+
+
+def test_batched_device_views_equal_the_per_image_worker_views(tmp_path):
+    """The device path (workers plan, the batch is rendered at once on the training device; here the CPU)
+    gives the worker path's labels exactly and its pixels to float rounding, for images of different sizes,
+    with every augmentation on (blur included)."""
+    from PIL import Image
+
+    from loca.data import FolderSource, LOCADataset, collate
+    from loca.views import render_views
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(70, 90), (120, 64), (64, 64), (99, 131)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    over = ["views.blur=true", "views.solarize_p=0.5", "views.grayscale_p=0.5", "views.flip_p=0.5"]
+    worker = LOCADataset(FolderSource(tmp_path), load_config("cpu_tiny", over), seed=3)
+    cfg = load_config("cpu_tiny", over + ["views.device_views=true"])
+    planned = LOCADataset(FolderSource(tmp_path), cfg, seed=3)
+    for keys, padded in (([0, 1, 2, 3], (120, 131)), ([4 + 2, 4 + 0], (70, 90))):  # the 2nd from epoch 1
+        a = collate([worker[k] for k in keys])
+        b = collate([planned[k] for k in keys])
+        assert b["image"].dtype == torch.uint8 and b["image"].shape[-2:] == padded   # zero-padded
+        b = render_views(b.pop("image"), b, cfg)
+        for key in ("random_labels", "focal_labels"):
+            assert torch.equal(a[key], b[key])
+        for key in ("reference", "random_query", "focal_query"):
+            assert a[key].shape == b[key].shape
+            # Standardised units (x 1/0.225): 1e-4 is 0.006 grey levels; the sampling coordinates are
+            # normalised by the padded width, which changes their rounding (measured 2.1e-5).
+            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0)
+
+
+def test_batched_photometric_equals_one_image_at_a_time():
+    from loca.augment import apply_photometric, draw_photometric
+    cfg = load_config("cpu_tiny", ["views.blur=true"])
+    rng = np.random.default_rng(1)
+    imgs = torch.rand(12, 3, 16, 16)
+    params = torch.tensor(np.stack([draw_photometric(rng, cfg.views, 0.5, 0.5) for _ in range(12)]),
+                          dtype=torch.float32)
+    together = apply_photometric(imgs, params)
+    alone = torch.cat([apply_photometric(imgs[i:i + 1], params[i:i + 1]) for i in range(12)])
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)
+    assert (params[:, 0] > 0).any() and (params[:, 0] == 0).any()  # some jittered, some not
