@@ -45,16 +45,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="an image folder (e.g. fmnist-scenes' pretrain/)")
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--small-batch", type=int, default=8)
+    parser.add_argument("--queue", type=int, default=3584, help="queued reference tokens (default: 7 batches "
+                        "of 8 x 64 tokens, so Sinkhorn sees as many rows as at the preset's batch 64)")
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the preset's batch 64 on the same number of images")
     parser.add_argument("--out", default="runs/bench_queue")
     args = parser.parse_args()
     from loca.config import load_config
     from loca.train import pretrain
 
-    settings = [("batch 8, no queue", 8, 0), ("batch 8, queue 3584 tokens", 8, 3584),
-                ("batch 64 (preset), no queue", 64, 0)]
+    small = args.small_batch
+    settings = [(f"batch {small}, no queue", small, 0), (f"batch {small}, queue {args.queue} tokens", small,
+                                                          args.queue)]
+    if args.reference:
+        settings.append(("batch 64 (preset), no queue", 64, 0))
     rows = []
     for name, batch, queue in settings:
-        steps = args.steps if batch == 8 else max(1, args.steps // 8)  # the same number of images
+        steps = args.steps if batch == small else max(1, args.steps * small // batch)  # the same images
         cfg = load_config("cpu_demo", [f"optim.batch_size={batch}", f"loss.queue_size={queue}",
                                        f"run.max_steps={steps}", "run.log_every=10"])
         run = Path(args.out) / f"b{batch}_q{queue}"
