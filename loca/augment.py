@@ -40,10 +40,10 @@ def adjust_saturation(img: torch.Tensor, factor) -> torch.Tensor:
     is a number or one per image of a batch (N,)."""
     maxc = img.max(dim=-3, keepdim=True).values
     delta = maxc - img.min(dim=-3, keepdim=True).values
-    factor = torch.as_tensor(factor, dtype=img.dtype, device=img.device)
-    factor = factor.view(-1, 1, 1, 1) if factor.ndim else factor
-    ratio = torch.minimum(factor.expand_as(delta) if factor.ndim else torch.full_like(delta, float(factor)),
-                          maxc / delta.clamp_min(1e-12))
+    if isinstance(factor, torch.Tensor):
+        ratio = torch.minimum(factor.to(img.dtype).view(-1, 1, 1, 1).expand_as(delta), maxc / delta.clamp_min(1e-12))
+    else:
+        ratio = (maxc / delta.clamp_min(1e-12)).clamp_(max=float(factor))
     return torch.where(delta > 0, maxc - (maxc - img) * ratio, img)
 
 
@@ -107,8 +107,10 @@ def apply_photometric(imgs: torch.Tensor, params: torch.Tensor, strengths=(1.0, 
     at each of the 4 jitter slots, the views whose order puts sub-op k there get sub-op k together.
     ``strengths`` (brightness, contrast, saturation, hue): sub-ops of strength 0 are skipped, as TF does."""
     p = params.detach().cpu().numpy()  # the decisions are taken in Python: no device sync per sub-op
-    amounts = params.to(device=imgs.device, dtype=imgs.dtype)
     n = imgs.shape[0]
+    if n == 1:
+        return _apply_one(imgs, p[0], strengths)
+    amounts = params.to(device=imgs.device, dtype=imgs.dtype)
     out = imgs
 
     def apply(rows: np.ndarray, fn) -> None:
@@ -131,6 +133,33 @@ def apply_photometric(imgs: torch.Tensor, params: torch.Tensor, strengths=(1.0, 
     apply(np.flatnonzero(p[:, BLUR] > 0.5), lambda x, i: gaussian_blur(x, amounts[i, SIGMA]))
     apply(np.flatnonzero(p[:, SOLARIZE] > 0.5), lambda x, i: solarize(x))
     return out
+
+
+def _apply_one(img: torch.Tensor, p: np.ndarray, strengths) -> torch.Tensor:
+    """:func:`apply_photometric` of a single view (1, 3, H, W) with plain numbers: the same operations without
+    the batch bookkeeping, which dominates at small view sizes (tested equal to the batched path)."""
+    if p[JITTER] > 0.5:
+        for op in p[ORDER:ORDER + 4].astype(np.int64).tolist():
+            a = float(p[BRIGHTNESS + op])
+            if strengths[op] > 0:
+                if op == 0:
+                    img = img + a
+                elif op == 1:
+                    mean = img.mean(dim=(-2, -1), keepdim=True)
+                    img = (img - mean) * a + mean
+                elif op == 2:
+                    img = adjust_saturation(img, a)
+                else:
+                    hsv = rgb_to_hsv(img)
+                    img = hsv_to_rgb(torch.stack(((hsv[:, 0] + a) % 1.0, hsv[:, 1], hsv[:, 2]), dim=1))
+            img = img.clamp(0, 1)
+    if p[GRAY] > 0.5:
+        img = grayscale(img)
+    if p[BLUR] > 0.5:
+        img = gaussian_blur(img, float(p[SIGMA]))
+    if p[SOLARIZE] > 0.5:
+        img = solarize(img)
+    return img
 
 
 def color_jitter(img: torch.Tensor, rng: np.random.Generator, brightness: float, contrast: float,

@@ -106,3 +106,14 @@ def test_queue_run_resumes_exactly(tmp_path):
     pretrain(load_config("cpu_tiny", over), None, tmp_path / "b", log=_quiet)
     drop = lambda rows: [{k: v for k, v in r.items() if k != "images_per_second"} for r in rows]  # noqa: E731
     assert drop(_metrics(tmp_path / "a")) == drop(_metrics(tmp_path / "b"))
+
+
+def test_pretraining_with_device_views_matches_the_worker_path(tmp_path):
+    """views.device_views inside the training loop: the same losses as the DataLoader-worker views (the pixels
+    differ by float rounding only)."""
+    base = ["run.builtin_images=16", "run.max_steps=3", "model.drop_path=0"]
+    pretrain(load_config("cpu_tiny", base), None, tmp_path / "worker", log=_quiet)
+    pretrain(load_config("cpu_tiny", base + ["views.device_views=true"]), None, tmp_path / "device", log=_quiet)
+    for a, b in zip(_metrics(tmp_path / "worker"), _metrics(tmp_path / "device")):
+        for key in ("loss", "loss_position", "loss_cluster", "position_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
