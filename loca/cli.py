@@ -22,8 +22,10 @@ Writes DIR/config.yaml, DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/las
 DIR/backbone.safetensors. Running the same command on the same DIR resumes from the latest checkpoint.
 
 Several GPUs or processes: the same command under torchrun (optim.batch_size stays the global batch):
-  torchrun --standalone --nproc_per_node 8 -m loca pretrain --config vit_base_16 --data /data/in1k/train \
-      --out runs/b16 --device cuda --precision bf16
+  torchrun --standalone --nproc_per_node 8 -m loca pretrain --config vit_base_16 --data /data/in1k/train \\
+      --out runs/b16 --device cuda --precision bf16 views.device_views=true
+Memory and small machines: model.grad_checkpointing=true, optim.accumulation_steps=A, loss.queue_size=Q
+(small-batch Sinkhorn), --precision fp16 (GPUs without bf16). Multi-node and SLURM: the README.
 """
 
 
@@ -125,7 +127,9 @@ def main(argv=None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Pretrain a ViT with LOCA on a folder of images (searched recursively; "
                                    "class subfolders ignored) or, without --data, on the built-in default.")
-    p.add_argument("--data", default=None, metavar="PATH", help="folder of images (default: built-in photos)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="folder of images, or tar shards 'DIR/shards-{0000..0099}.tar' (streamed; the webdataset "
+                        "layout) (default: built-in photos)")
     p.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<preset>)")
     p.add_argument("--probe-data", default=None, metavar="DIR",
                    help="a segmentation data set: run the frozen linear probe on it every --probe-every epochs "
