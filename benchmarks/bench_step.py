@@ -167,8 +167,13 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--child", nargs=4, metavar=("PRESET", "BATCH", "PRECISION", "STEPS"))
     parser.add_argument("--kind", default="loca", choices=["loca", "supervised"])
+    parser.add_argument("--views-only", action="store_true", help="only the view pipeline; print, write nothing")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
+    if args.views_only:
+        for spec in args.configs.split(","):
+            print(json.dumps({"preset": spec.split(":")[0], **views_rate(spec.split(":")[0])}), flush=True)
+        return
     if args.child:
         preset, batch, precision, steps = args.child
         print(json.dumps(child(preset, int(batch), precision, int(steps), args.budget, args.kind)))
