@@ -137,7 +137,7 @@ def make_views(image: torch.Tensor, cfg: Config, rng: np.random.Generator) -> Di
 def crop_resize(image: torch.Tensor, box, size: int) -> torch.Tensor:
     """Integer-box crop of a uint8 (3, H, W) image, bilinear resize (half-pixel centres, no antialiasing,
     like TF's ``tf.image.resize``) to (3, size, size), scaled to [0, 1]."""
-    return crop_resize_batch(image[None], torch.tensor([list(box)]), torch.tensor([False]), size)[0]
+    return _crop_resize_one(image[None], torch.tensor(list(box)), False, size)[0]
 
 
 def pad_images(images: List[torch.Tensor]) -> torch.Tensor:
