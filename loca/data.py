@@ -44,8 +44,9 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
-def load_image(path: os.PathLike) -> torch.Tensor:
-    """Decode a file to uint8 (3, H, W). Raises on unreadable, truncated or non-image files."""
+def load_image(path) -> torch.Tensor:
+    """Decode a file (a path or a binary file object) to uint8 (3, H, W). Raises on unreadable, truncated or
+    non-image files."""
     with Image.open(path) as img:
         img.load()
         arr = pil_to_rgb(img)
@@ -311,13 +312,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 data = tar.extractfile(member).read()
                 name = f"{shard}:{member.name}"
                 try:
-                    with Image.open(io.BytesIO(data)) as img:
-                        img.load()
-                        arr = pil_to_rgb(img)
+                    image = load_image(io.BytesIO(data))  # PIL opens file objects as it opens paths
                 except Exception as exc:  # noqa: BLE001 - a bad image is skipped, never a crash
                     yield name, None, f"{name} ({type(exc).__name__}: {exc})"
                     continue
-                yield name, torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous(), None
+                yield name, image, None
 
     def __iter__(self):
         """Collated batches of this rank's share (batching happens in the worker, with DataLoader's
