@@ -2,10 +2,14 @@
 and the exported backbone (``backbone.safetensors``: timm parameter names, architecture in the metadata)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -18,10 +22,52 @@ CHECKPOINT_FORMAT = "loca-checkpoint-v1"
 BACKBONE_FORMAT = "loca-backbone-v1"
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, permissions); the previous one is untouched."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(tmp)`` into a temporary file beside it, fsync it, rename it over
+    ``path``, fsync the folder: a crash at any moment leaves either the old file or the complete new one."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # the previous checkpoint stays intact until the new one is complete
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports ENOSPC as a RuntimeError
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        text = str(exc).lower()
+        # torch's zip writer turns a short write into "unexpected pos ..." (the errno is lost on the way)
+        full = (exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) if isinstance(exc, OSError) else
+                "unexpected pos" in text or "write" in text)
+        reason = ("writing stopped part-way: the disk is full or a quota / file-size limit was hit" if full
+                  else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
+        raise CheckpointError(f"could not write {path} ({reason}){kept}. Free space or choose another --out, "
+                              f"then run the same command again to resume") from None
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(path: Path, student: LOCA, teacher: LOCA, optimizer: Optional[torch.optim.Optimizer],
@@ -41,9 +87,83 @@ def save_checkpoint(path: Path, student: LOCA, teacher: LOCA, optimizer: Optiona
     _atomic_torch_save(state, path)
 
 
+# ---- the run's checkpoint folder: step_XXXXXXXX.pt history + last.pt (a hard link to the newest) ---------
+_STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+def checkpoint_history(directory: Path) -> List[Tuple[int, Path]]:
+    """(step, path) of the step_XXXXXXXX.pt files in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), directory / name) for name in os.listdir(directory)
+             if (m := _STEP_FILE.match(name))]
+    return sorted(found)
+
+
+def save_run_checkpoint(directory: Path, step: int, keep: int, **state) -> Path:
+    """Write ``directory/step_XXXXXXXX.pt`` atomically, point ``last.pt`` at it (hard link, atomic rename;
+    a copy where the file system has no hard links), and delete all but the ``keep`` newest step files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"step_{int(step):08d}.pt"
+    save_checkpoint(target, step=step, **state)
+    last = directory / "last.pt"
+
+    def link(tmp: Path) -> None:
+        if tmp.exists():
+            tmp.unlink()
+        try:
+            os.link(target, tmp)
+        except OSError:
+            shutil.copyfile(target, tmp)
+    atomic_write(last, link)
+    for _, old in checkpoint_history(directory)[:-max(1, keep)]:
+        try:
+            old.unlink()
+        except OSError:
+            pass
+    return target
+
+
+def remove_partial_files(directory: Path) -> List[Path]:
+    """Delete the ``*.tmp`` files a killed writer left behind (never a complete checkpoint)."""
+    removed = []
+    if directory.is_dir():
+        for tmp in directory.glob("*.tmp"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
+def load_latest_checkpoint(directory: Path, map_location="cpu") -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The newest checkpoint in ``directory`` that loads: ``last.pt``, else the step files newest first
+    (a file that does not load is reported and passed over). None when there is none."""
+    candidates = [directory / "last.pt"] + [p for _, p in reversed(checkpoint_history(directory))]
+    failures = []
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            state = load_checkpoint(path, map_location)
+        except RuntimeError as exc:
+            failures.append(str(exc))
+            continue
+        for message in failures:
+            warnings.warn(f"passing over a checkpoint that does not load: {message}", stacklevel=2)
+        return path, state
+    if failures:
+        raise RuntimeError(f"{directory}: no checkpoint there loads ({'; '.join(failures)}); move the folder "
+                           f"away to start again")
+    return None
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> Dict[str, Any]:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's "pickle protocol" notice for a foreign file: ours says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a crafted or foreign pickle is refused, never executed
         raise RuntimeError(f"{path}: not a loadable LOCA checkpoint ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -66,9 +186,8 @@ def export_backbone(path: Path, model: LOCA, cfg: Config, which: str = "teacher"
         "step": str(step),
         "config": json.dumps(cfg.to_dict()),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(encoder_state(model), str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    tensors = encoder_state(model)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_backbone_metadata(path: os.PathLike) -> Dict[str, str]:

@@ -296,6 +296,10 @@ def main(argv=None) -> int:
         print("loca: interrupted", file=sys.stderr)
         return 130
     except (RuntimeError, OSError, ValueError) as exc:
+        from .train import Interrupted
+        if isinstance(exc, Interrupted):  # SIGTERM / SIGINT: a checkpoint was written, not an error
+            print(f"loca: {exc}", file=sys.stderr)
+            return exc.exit_code
         print(f"loca: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 1
     return 0

@@ -111,6 +111,8 @@ class RunConfig:
     workers: int = 2
     log_every: int = 10                # steps between metrics.jsonl lines
     checkpoint_every: int = 500        # steps between checkpoints (also at each epoch end and at the stop)
+    keep_checkpoints: int = 2          # checkpoints/step_*.pt kept (newest first); last.pt links the newest
+    loader_timeout: int = 600          # seconds without a batch from a data worker before the run fails
     max_steps: Optional[int] = None    # stop once this many optimizer steps are done in total (smoke runs)
     builtin_images: int = 5000         # size of the built-in default data set (used without --data)
     probe_data: Optional[str] = None   # a segmentation data set for the frozen linear probe during pretraining
@@ -411,5 +413,7 @@ def validate(cfg: Config) -> None:
     need(lo.queue_size >= 0, f"loss.queue_size={lo.queue_size}: must be >= 0 (0 = no queue)")
     need(r.workers >= 0, f"run.workers={r.workers}: must be >= 0")
     need(r.log_every >= 1 and r.checkpoint_every >= 1, "run.log_every and run.checkpoint_every must be >= 1")
+    need(r.keep_checkpoints >= 1, f"run.keep_checkpoints={r.keep_checkpoints} must be >= 1")
+    need(r.loader_timeout >= 0, f"run.loader_timeout={r.loader_timeout} must be >= 0 (0: wait forever)")
     need(r.max_steps is None or r.max_steps >= 1, f"run.max_steps={r.max_steps}: must be >= 1")
     need(r.builtin_images >= 1, f"run.builtin_images={r.builtin_images}: must be >= 1")

@@ -23,6 +23,8 @@ from .views import make_views, pad_images, plan_views
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # above this PIL refuses (decompression-bomb guard)
+MAX_DECODE_PIXELS = 10_000 * 10_000  # a larger non-JPEG file is refused: decoding it would take > 0.4 GB
+DRAFT_SIDE = 1024  # JPEGs are decoded at a reduced scale (1/2 ... 1/8) whose short side stays >= this
 
 
 class DataError(RuntimeError):
@@ -44,10 +46,26 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
+def check_decodable(img: Image.Image) -> None:
+    """Raise DataError for an empty image or a non-JPEG one above MAX_DECODE_PIXELS (JPEGs decode reduced)."""
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise DataError(f"empty image ({w}x{h} px)")
+    if img.format != "JPEG" and w * h > MAX_DECODE_PIXELS:
+        raise DataError(f"{w}x{h} px is larger than the {MAX_DECODE_PIXELS // 1_000_000} MP decode limit "
+                        f"(loca.data.MAX_DECODE_PIXELS)")
+
+
 def load_image(path) -> torch.Tensor:
     """Decode a file (a path or a binary file object) to uint8 (3, H, W). Raises on unreadable, truncated or
     non-image files."""
     with Image.open(path) as img:
+        w, h = img.size
+        check_decodable(img)
+        if img.format == "JPEG" and min(w, h) >= 2 * DRAFT_SIDE:
+            # Memory-bounded decode of huge JPEGs: libjpeg's DCT scaling, no full-size buffer.
+            img.draft(img.mode, (max(DRAFT_SIDE, w * DRAFT_SIDE // min(w, h)),
+                                 max(DRAFT_SIDE, h * DRAFT_SIDE // min(w, h))))
         img.load()
         arr = pil_to_rgb(img)
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
@@ -61,8 +79,10 @@ def list_images(root: os.PathLike) -> List[Path]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(Path(dirpath) / name)
+            path = Path(dirpath) / name
+            # os.path.isfile: regular files (or links to them) only; a FIFO would block the first read forever
+            if path.suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(path):
+                files.append(path)
     return files
 
 
@@ -80,9 +100,7 @@ class FolderSource:
         for path in candidates:
             try:
                 with Image.open(path) as img:
-                    w, h = img.size
-                if w < 1 or h < 1:
-                    raise ValueError("empty image")
+                    check_decodable(img)
                 self.files.append(path)
             except Exception as exc:  # noqa: BLE001 - any decode failure means "not an image"
                 self.skipped.append(str(path))

@@ -73,6 +73,15 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values / dist.get_world_size()
 
 
+def any_over_ranks(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any (e.g. one rank got SIGTERM): all stop at the same step."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import signal
 import sys
 import time
 import warnings
@@ -23,10 +24,11 @@ from torch.utils.data import DataLoader, Dataset
 from .data import StepBatchSampler, list_images, load_image
 from .metrics import confusion_matrix, segmentation_scores
 from .segdata import SegSplit, open_segmentation
-from .segment import (SegConfig, Segmenter, eval_image, load_segmenter, patch_tokens, poly_lr, predict_label,
-                      save_segmenter, train_sample)
+from .segment import (SegConfig, Segmenter, eval_image, layer_lr_scales, load_segmenter, patch_tokens, poly_lr,
+                      predict_label, save_segmenter, train_sample)
 from .checkpoint import _atomic_torch_save
-from .train import TrainingError, _truncate_metrics, resolve_device, step_seed
+from .train import (Interrupted, StopRequest, TrainingError, _guarded, _truncate_metrics, _worker_init,
+                    resolve_device, step_seed)
 
 FINETUNE_FORMAT = "loca-finetune-v1"
 FEWSHOT_FOLDS = 5
@@ -229,7 +231,9 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
 
     torch.manual_seed(seed)
     model = make_model().to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+    groups = [{"params": params, "lr_scale": scale, "encoder": encoder}
+              for scale, encoder, params in layer_lr_scales(model, cfg.layer_decay)]
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                 weight_decay=cfg.weight_decay)
     train = _repeat_to(train, cfg.batch_size)
     ckpt_path = out / "checkpoint.pt"
@@ -241,7 +245,9 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
             raise TrainingError(f"{ckpt_path}: not a loadable checkpoint ({type(exc).__name__})") from None
         if not isinstance(state, dict) or state.get("format") != FINETUNE_FORMAT:
             raise TrainingError(f"{ckpt_path}: not a fine-tuning checkpoint; use another --out")
-        changed = [k for k, v in cfg.to_dict().items() if k not in _RUN_KEYS and state["config"].get(k) != v]
+        defaults = SegConfig().to_dict()  # a key newer than the checkpoint counts as its default
+        changed = [k for k, v in cfg.to_dict().items()
+                   if k not in _RUN_KEYS and state["config"].get(k, defaults[k]) != v]
         if changed or state.get("num_train") != len(train):
             raise TrainingError(f"{ckpt_path} was written with other settings ({', '.join(changed) or 'training set'}"
                                 f"); use another --out or the same settings")
@@ -252,7 +258,8 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
 
     sampler = StepBatchSampler(len(train), cfg.batch_size, seed, start, stop)
     loader = DataLoader(TrainCrops(train, cfg, seed), batch_sampler=sampler, num_workers=cfg.workers,
-                        persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+                        timeout=600 if cfg.workers else 0)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     metrics_path = out / "metrics.jsonl"
@@ -265,14 +272,16 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
         f"crop {cfg.crop_size}, lr {cfg.lr:g}) on {device}, {len(train)} training images")
     step, t0, window_t, window_n, losses = start, time.perf_counter(), time.perf_counter(), 0, []
     model.train()
-    with metrics_path.open("a") as mf:
-        for images, labels in loader:
+    with metrics_path.open("a") as mf, StopRequest() as stop_request:
+        batches = _guarded(loader, 600, stop_request)
+        for images, labels in batches:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             torch.manual_seed(step_seed(seed, step))  # stochastic depth: the same draws after a resume
             lr = poly_lr(step, total, cfg.lr, cfg.min_lr, cfg.poly_power)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group in optimizer.param_groups:  # the encoder stands still during the decoder warm-up
+                frozen = group["encoder"] and step < cfg.decoder_warmup
+                group["lr"] = 0.0 if frozen else lr * group["lr_scale"]
             with autocast:
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, ignore_index=train.ignore_index)
@@ -303,6 +312,16 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
                 progress.update(1)
             if step % cfg.checkpoint_every == 0 and step < stop:
                 _save_finetune_checkpoint(ckpt_path, model, optimizer, step, cfg, len(train))
+            if stop_request.signum is not None and step < stop:
+                break
+        batches.close()
+        if stop_request.signum is not None and step < stop:  # SIGTERM / SIGINT: checkpoint, then exit
+            _save_finetune_checkpoint(ckpt_path, model, optimizer, step, cfg, len(train))
+            if progress is not None:
+                progress.close()
+            raise Interrupted(f"{label}received {signal.Signals(stop_request.signum).name}: stopped after "
+                              f"iteration {step} of {total}; checkpoint written to {ckpt_path}. Run the same "
+                              f"command again to resume.", stop_request.signum)
     if progress is not None:
         progress.close()
     if step < total:

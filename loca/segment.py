@@ -43,6 +43,9 @@ class SegConfig:
     min_lr: float = 1e-5               # poly decay per iteration down to this
     poly_power: float = 0.9
     drop_path: float = 0.1
+    # Not in Segmenter's recipe (both off by default); the usual levers for fine-tuning a pretrained ViT:
+    layer_decay: float = 1.0           # BEiT/MAE layer-wise lr decay: block i of L gets lr x decay^(L - i)
+    decoder_warmup: int = 0            # first N iterations train the decoder alone on the frozen encoder (LP-FT)
     window_stride: Optional[int] = None  # sliding-window stride at evaluation; None = crop_size (Segmenter's 512)
     num_seeds: int = 5                 # the paper averages 5 runs
     sweep_holdout: float = 0.2         # --lr-sweep trains on the rest and scores on this part of train
@@ -128,6 +131,27 @@ def validate_seg(c: SegConfig) -> None:
 def poly_lr(step: int, total: int, lr: float, min_lr: float, power: float = 0.9) -> float:
     """Segmenter's PolynomialLR, stepped every iteration: (lr - min) * (1 - t/T)^power + min."""
     return (lr - min_lr) * (1.0 - min(step, total) / total) ** power + min_lr
+
+
+def layer_lr_scales(model: nn.Module, layer_decay: float) -> List[Tuple[float, bool, List[nn.Parameter]]]:
+    """Parameter groups of a Segmenter as (lr scale, is-encoder, params), BEiT/MAE style: the patch / position
+    embedding and class token are layer 0, block i is layer i + 1, the final norm and decoder layer L + 1 (two
+    groups: the norm belongs to the encoder, frozen during a decoder warm-up); a layer's lr is scaled by
+    layer_decay^(L + 1 - layer). layer_decay 1 gives every parameter the scale 1."""
+    depth = len(model.encoder.blocks)
+    groups: Dict[Tuple[int, bool], List[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("encoder.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        elif name.startswith("encoder.") and not name.startswith(("encoder.norm", "encoder.fc_norm", "encoder.head")):
+            layer = 0
+        else:
+            layer = depth + 1
+        groups.setdefault((layer, name.startswith("encoder.")), []).append(param)
+    return [(layer_decay ** (depth + 1 - layer), encoder, params)
+            for (layer, encoder), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
 # ---- model -----------------------------------------------------------------------------------------
@@ -309,17 +333,15 @@ SEGMENTER_FORMAT = "loca-segmenter-v1"
 
 def save_segmenter(path: Path, model: Segmenter, encoder_meta: Dict[str, Any], classes: List[str],
                    cfg: SegConfig, extra: Optional[Dict[str, Any]] = None) -> None:
-    import os
-
     from safetensors.torch import save_file
+
+    from .checkpoint import atomic_write
     meta = {"format": SEGMENTER_FORMAT, "timm_model": encoder_meta["timm_model"],
             "timm_kwargs": json.dumps(encoder_meta["timm_kwargs"]), "classes": json.dumps(classes),
             "finetune_config": json.dumps(cfg.to_dict()), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
 def load_segmenter(path: Path) -> Tuple[Segmenter, List[str], SegConfig]:

@@ -1,6 +1,7 @@
 """Bad and unusual input: skipped with one warning naming the file, or converted; never a crash."""
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +100,92 @@ def test_builtin_photos_are_real_and_deterministic():
     source = BuiltinPhotos(4, 48)
     a, b = source.load(2), source.load(2)
     assert torch.equal(a, b) and a.shape == (3, 48, 48) and a.float().std() > 5
+
+
+# ---- fuzzing: random bytes, random modes and sizes, truncation --------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr"]
+FORMATS = {"png": "PNG", "jpg": "JPEG", "bmp": "BMP", "tif": "TIFF", "gif": "GIF", "webp": "WEBP"}
+
+
+@st.composite
+def image_file(draw):
+    """(file name, bytes): a real image of a random mode / size / format, perhaps cut short, or random bytes
+    (perhaps behind a real header) under an image extension."""
+    ext = draw(st.sampled_from(sorted(FORMATS)))
+    kind = draw(st.sampled_from(["image", "image", "truncated", "noise", "header+noise"]))
+    if kind == "noise":
+        return ext, draw(st.binary(max_size=300))
+    mode = draw(st.sampled_from(MODES))
+    w, h = draw(st.integers(1, 70)), draw(st.integers(1, 70))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    try:
+        buf = io.BytesIO()
+        rgb.convert(mode).save(buf, format=FORMATS[ext])
+    except (OSError, ValueError, KeyError):   # a mode this format cannot store: store the RGB image
+        buf = io.BytesIO()
+        rgb.save(buf, format=FORMATS[ext])
+    data = buf.getvalue()
+    if kind == "truncated":
+        data = data[: draw(st.integers(0, max(0, len(data) - 1)))]
+    elif kind == "header+noise":
+        data = data[:16] + draw(st.binary(min_size=1, max_size=200))
+    return ext, data
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(image_file(), min_size=1, max_size=4))
+def test_fuzzed_folders_yield_valid_samples_or_skip_with_a_warning(files):
+    import tempfile
+    cfg = load_config("cpu_tiny")
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        for i, (ext, data) in enumerate(files):
+            (Path(root) / f"f{i}.{ext}").write_bytes(data)
+        try:
+            source = FolderSource(root)
+        except DataError as exc:                      # nothing readable: one message naming the folder
+            assert root in str(exc) and "no readable image" in str(exc)
+            return
+        dataset = LOCADataset(source, cfg, seed=0)
+        samples = []
+        for i in range(len(dataset)):
+            try:
+                samples.append(dataset[i])
+            except DataError as exc:                  # every file failed on decode: named in the message
+                assert "could be decoded" in str(exc)
+                return
+        batch = collate(samples)
+        assert batch["reference"].shape == (len(samples), 3, 32, 32)
+        assert all(torch.isfinite(v).all() for k, v in batch.items() if isinstance(v, torch.Tensor)
+                   and v.is_floating_point())
+
+
+def test_huge_jpeg_decodes_reduced_and_huge_png_is_skipped(tmp_path):
+    """A 10,000 x 10,000 px JPEG decodes at 1/8 scale (peak memory measured in a fresh process); a non-JPEG
+    above the 100 MP decode limit is skipped at start-up with a warning naming it."""
+    import subprocess
+    import sys
+    Image.new("L", (10_000, 10_000), 128).save(tmp_path / "huge.jpg", quality=50)
+    probe = ("import resource, sys; from loca.data import load_image; "
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; img = load_image(sys.argv[1]); "
+             "print(tuple(img.shape), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "huge.jpg")], capture_output=True,
+                         text=True, check=True).stdout.split(")")
+    shape, grown_mb = eval(out[0] + ")"), int(out[1])
+    assert shape == (3, 1250, 1250) and grown_mb < 100       # the full decode would need 300 MB as RGB
+    Image.new("L", (10_001, 10_000)).save(tmp_path / "big.png")
+    Image.new("RGB", (20, 20)).save(tmp_path / "ok.png")
+    with pytest.warns(UserWarning, match=r"big.png.*decode limit"):
+        source = FolderSource(tmp_path)
+    assert sorted(p.name for p in source.files) == ["huge.jpg", "ok.png"]
+
+
+def test_fifo_and_broken_links_in_the_folder_are_ignored(tmp_path):
+    import os
+    Image.new("RGB", (20, 20)).save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "pipe.png")                         # opening it would block forever
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    assert [p.name for p in FolderSource(tmp_path).files] == ["ok.png"]

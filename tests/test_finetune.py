@@ -15,7 +15,7 @@ from loca.cli import main
 from loca.finetune import (build_backbone, fewshot_indices, finetune, holdout_split, linear_probe,
                            load_weights_checked, predict)
 from loca.segdata import open_segmentation
-from loca.segment import (Segmenter, fit_scale, load_segmenter, patch_tokens, poly_lr, seg_config,
+from loca.segment import (Segmenter, fit_scale, layer_lr_scales, load_segmenter, patch_tokens, poly_lr, seg_config,
                           sliding_window_logits, train_sample, window_starts)
 
 COLOURS = {1: (220, 40, 40), 2: (40, 200, 60)}
@@ -205,6 +205,32 @@ def test_finetune_predict_and_resume(squares, tmp_path):
     label = np.array(Image.open(pred_dir / "000.png"))
     assert label.shape == (32, 32) and label.max() < 3
     assert np.array(Image.open(pred_dir / "000_overlay.png")).shape == (32, 32, 3)
+
+
+def test_layer_decay_scales_and_decoder_warmup_freezes_the_encoder(squares, tmp_path):
+    model = Segmenter(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                        embed_dim=32, depth=3, num_heads=2, num_classes=0), 3)
+    groups = layer_lr_scales(model, 0.5)
+    # embeddings, 3 blocks, then the final norm (encoder) and the decoder at the top layer's scale
+    assert [round(scale, 6) for scale, _, _ in groups] == [0.0625, 0.125, 0.25, 0.5, 1.0, 1.0]
+    assert [encoder for _, encoder, _ in groups] == [True, True, True, True, True, False]
+    assert sum(len(p) for _, _, p in groups) == len(list(model.parameters()))
+    assert {id(p) for p in groups[-1][2]} == {id(model.decoder.weight), id(model.decoder.bias)}
+    assert id(model.encoder.norm.weight) in {id(p) for p in groups[-2][2]}
+    assert [scale for scale, _, _ in layer_lr_scales(model, 1.0)] == [1.0] * 6
+    # 4 iterations, all in the warm-up: the encoder ends exactly as built (the backbone file), the decoder moved
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--config", "cpu_tiny", "--out", str(pre), "--max-steps", "1", "--workers", "0",
+                 "--device", "cpu", "run.builtin_images=16"]) == 0
+    backbone = str(pre / "backbone.safetensors")
+    finetune(backbone, str(squares), tmp_path / "ft", seg_config("cpu_tiny", ["iterations=4", "decoder_warmup=4"]),
+             seeds=[0], log=lambda *a: None)
+    tuned, start = load_file(str(tmp_path / "ft" / "seed_0" / "model.safetensors")), load_file(backbone)
+    assert all(torch.equal(tuned[f"encoder.{k}"], v) for k, v in start.items())
+    finetune(backbone, str(squares), tmp_path / "ft2", seg_config("cpu_tiny", ["iterations=4", "decoder_warmup=2"]),
+             seeds=[0], log=lambda *a: None)                  # the control: after the warm-up the encoder moves
+    moved = load_file(str(tmp_path / "ft2" / "seed_0" / "model.safetensors"))
+    assert not torch.equal(moved["encoder.blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
 
 
 def test_lr_sweep_picks_the_best_on_held_out_training_images(squares, tmp_path):

@@ -1,0 +1,245 @@
+"""Faults (kills, signals, full disks, dead and hung data workers, NaN) and what a run must do under them:
+lose nothing, say what happened, resume exactly. Long kill loops: LOCA_FAULT_KILLS=50 pytest -m faults."""
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from loca.checkpoint import CheckpointError, atomic_write, checkpoint_history, load_checkpoint
+from loca.config import load_config
+from loca.train import TrainingError, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+# A cpu_tiny run of 8 steps per epoch on the built-in photos; every step logged and checkpointed.
+TINY = ["run.builtin_images=64", "run.log_every=1", "run.checkpoint_every=1", "run.workers=0", "run.device=cpu"]
+
+
+def _quiet(*_args, **_kw):
+    pass
+
+
+def _cli(out, *overrides, **popen):
+    """`python -m loca pretrain` on cpu_tiny in a new session (so a signal can reach its whole group)."""
+    cmd = [sys.executable, "-m", "loca", "pretrain", "--config", "cpu_tiny", "--out", str(out), *TINY, *overrides]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, **popen)
+
+
+def _logged_steps(out) -> int:
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if line.endswith("}"))
+
+
+def _wait_for_step(proc, out, step, timeout=120.0):
+    end = time.time() + timeout
+    while _logged_steps(out) < step:
+        assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()}"
+        assert time.time() < end, "the run did not reach the step in time"
+        time.sleep(0.005)
+
+
+def _same_weights(a, b):
+    for key in ("student", "teacher"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs"
+
+
+# ---- atomic writes, kept history, fallback ---------------------------------------------------------
+def test_a_failed_write_leaves_the_previous_file(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"step": 1}, path)
+
+    def disk_full(tmp: Path) -> None:
+        tmp.write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CheckpointError, match=r"disk is full.*previous last.pt is unchanged"):
+        atomic_write(path, disk_full)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]   # no temporary file left behind
+
+
+def test_keeps_n_checkpoints_and_falls_back_when_the_newest_is_damaged(tmp_path):
+    cfg = load_config("cpu_tiny", TINY + ["run.keep_checkpoints=2", "run.max_steps=5"])
+    pretrain(cfg, None, tmp_path / "a", log=_quiet)
+    ckpts = tmp_path / "a" / "checkpoints"
+    assert [s for s, _ in checkpoint_history(ckpts)] == [4, 5]
+    assert os.stat(ckpts / "last.pt").st_ino == os.stat(ckpts / "step_00000005.pt").st_ino  # a link, no copy
+    # Damage the newest (as a failing disk could); the run resumes from step 4 with a warning, and its
+    # continuation equals the uninterrupted run.
+    data = (ckpts / "step_00000005.pt").read_bytes()
+    (ckpts / "step_00000005.pt").write_bytes(data[: len(data) // 3])
+    with pytest.warns(UserWarning, match="passing over a checkpoint"):
+        pretrain(load_config("cpu_tiny", TINY + ["run.max_steps=8"]), None, tmp_path / "a", log=_quiet)
+    pretrain(load_config("cpu_tiny", TINY + ["run.max_steps=8"]), None, tmp_path / "b", log=_quiet)
+    _same_weights(load_checkpoint(ckpts / "last.pt"), load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt"))
+
+
+def test_non_finite_loss_later_in_a_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import loca.train as train_mod
+    real, calls = train_mod.loca_forward, []
+
+    def poisoned_from_step_4(*args, **kw):
+        calls.append(1)
+        loss, stats = real(*args, **kw)
+        if len(calls) >= 4:
+            stats["loss_position"] = torch.tensor(float("inf"))
+        return loss, stats
+
+    monkeypatch.setattr(train_mod, "loca_forward", poisoned_from_step_4)
+    with pytest.raises(TrainingError, match=r"non-finite loss_position at step 4.*lower optim.lr.*fp32.*larger batch"):
+        pretrain(load_config("cpu_tiny", TINY), None, tmp_path, log=_quiet)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 3
+    assert all(torch.isfinite(t).all() for t in state["student"].values() if t.is_floating_point())
+
+
+# ---- signals ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, 2), (signal.SIGINT, 2)])
+def test_a_stop_signal_finishes_the_step_and_checkpoints(tmp_path, sig, workers):
+    """SIGTERM (a cluster's preemption) or Ctrl-C, sent to the whole process group (data workers included):
+    the step in flight completes, a checkpoint is written, the exit code is 128 + signal; the same command
+    then resumes and ends exactly as an uninterrupted run."""
+    overrides = ["run.checkpoint_every=1000", f"run.workers={workers}", "run.max_steps=300"]
+    proc = _cli(tmp_path / "run", *overrides)
+    _wait_for_step(proc, tmp_path / "run", 3)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    name = signal.Signals(sig).name
+    assert f"received {name}: stopped after step" in err and "Run the same command again to resume" in err
+    assert "Traceback" not in err and "worker" not in err
+    stopped = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"]
+    assert stopped == _logged_steps(tmp_path / "run") and 3 <= stopped < 300
+    # Resume in-process to a nearby step and compare with an uninterrupted run of the same length.
+    end = [f"run.max_steps={stopped + 3}", f"run.workers={workers}"]
+    pretrain(load_config("cpu_tiny", TINY + end), None, tmp_path / "run", log=_quiet)
+    pretrain(load_config("cpu_tiny", TINY + end), None, tmp_path / "ref", log=_quiet)
+    _same_weights(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt"),
+                  load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt"))
+
+
+def test_sigterm_stops_a_finetuning_run_with_a_checkpoint_and_it_resumes(tmp_path):
+    from test_finetune import write_squares
+    data = write_squares(tmp_path / "squares")
+    cmd = [sys.executable, "-m", "loca", "finetune", "--backbone", "random", "--arch", "cpu_tiny", "--data",
+           str(data), "--out", str(tmp_path / "ft"), "--config", "cpu_tiny", "--seeds", "0", "iterations=2000",
+           "log_every=1", "workers=1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    _wait_for_step(proc, tmp_path / "ft" / "seed_0", 3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "received SIGTERM: stopped after iteration" in err and "Traceback" not in err
+    state = torch.load(tmp_path / "ft" / "seed_0" / "checkpoint.pt", weights_only=True)
+    assert 3 <= state["step"] < 2000 and state["step"] == _logged_steps(tmp_path / "ft" / "seed_0")
+
+
+# ---- full disk, dead and hung data workers ---------------------------------------------------------
+def test_disk_full_while_checkpointing_is_a_clear_error_and_the_previous_checkpoint_loads(tmp_path):
+    import resource
+    pretrain(load_config("cpu_tiny", TINY + ["run.max_steps=2"]), None, tmp_path, log=_quiet)
+    size = (tmp_path / "checkpoints" / "last.pt").stat().st_size
+
+    def file_size_limit():  # every file this process writes stops at half a checkpoint: a "full disk"
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    proc = _cli(tmp_path, "run.max_steps=4", preexec_fn=file_size_limit)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert "could not write" in lines[-1] and "disk is full" in lines[-1] and "Traceback" not in err
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 2 and not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+WORKER_FAULT = textwrap.dedent("""
+    import os, sys, time, torch
+    import loca.data, loca.train
+    from loca.config import load_config
+    from loca.cli import main
+    real, mode, calls = loca.data.LOCADataset.__getitem__, sys.argv[1], []
+
+    def faulty(self, i):  # a worker's 30th sample (its 4th batch): after the first steps are checkpointed
+        calls.append(i)
+        if torch.utils.data.get_worker_info() is not None and len(calls) == 30:
+            if mode == "die":
+                os.kill(os.getpid(), 9)
+            time.sleep(3600)
+        return real(self, i)
+
+    loca.data.LOCADataset.__getitem__ = faulty
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_a_dead_or_hung_data_worker_fails_the_run_with_a_message(tmp_path, mode):
+    script = tmp_path / "fault.py"
+    script.write_text(WORKER_FAULT)
+    cmd = [sys.executable, str(script), mode, "pretrain", "--config", "cpu_tiny", "--out", str(tmp_path / "run"),
+           *TINY, "run.workers=2", "run.loader_timeout=5"]
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 1, out.stderr
+    expected = "a data-loading worker died" if mode == "die" else "no batch from the data workers for 5 s"
+    assert expected in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr
+    assert time.time() - t0 < 120
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] >= 1   # earlier work kept
+
+
+# ---- SIGKILL at random moments, many times ---------------------------------------------------------
+@pytest.mark.faults
+def test_sigkill_at_random_moments_loses_nothing(tmp_path):
+    """Kill the run with SIGKILL at random moments (checkpoints are written every step, so many kills land
+    inside a write), restart it each time; the finished run equals an uninterrupted one bit for bit."""
+    kills = int(os.environ.get("LOCA_FAULT_KILLS", "3"))
+    steps = 24
+    overrides = ["optim.epochs=3"]  # 24 steps
+    pretrain(load_config("cpu_tiny", TINY + overrides), None, tmp_path / "ref", log=_quiet)
+    rng = random.Random(int(os.environ.get("LOCA_FAULT_SEED", "0")))
+    run = tmp_path / "run"
+    killed = mid_write = 0
+    for _attempt in range(kills + 3):
+        proc = _cli(run, *overrides)
+        if killed < kills:
+            before = _logged_steps(run)
+            end = time.time() + 120
+            while _logged_steps(run) <= before and proc.poll() is None and time.time() < end:
+                time.sleep(0.002)  # wait for this attempt to make progress, then kill it at a random moment
+            time.sleep(rng.uniform(0.0, 0.15))
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                killed += 1
+                mid_write += bool(list((run / "checkpoints").glob("*.tmp")))
+                continue
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        if _logged_steps(run) >= steps:
+            break
+    else:
+        raise AssertionError(f"the run never completed: {_logged_steps(run)} of {steps} steps logged")
+    print(f"\n{killed} SIGKILLs, {mid_write} of them while a checkpoint was being written")
+    report = os.environ.get("LOCA_FAULT_REPORT")
+    if report:
+        Path(report).write_text(json.dumps({"kills": killed, "mid_write": mid_write, "steps": steps}))
+    _same_weights(load_checkpoint(run / "checkpoints" / "last.pt"), load_checkpoint(tmp_path / "ref" /
+                                                                                     "checkpoints" / "last.pt"))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))   # every step logged once
