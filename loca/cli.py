@@ -181,6 +181,23 @@ def main(argv=None) -> int:
                                "runs/demo/data", formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_backbone_flags(pr)
     pr.add_argument("--json", default=None, metavar="FILE", help="also write the scores to FILE")
+    pr.add_argument("--multilabel", action="store_true",
+                    help="frozen multi-label classification instead (paper Fig. 4): which classes does each image "
+                         "contain, from the mean patch token; mAP")
+
+    es = sub.add_parser("evaluate-split", help="classification-only mAP and localization-only mIoU of a "
+                                               "fine-tuned model (paper Tab. 5)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Classification only: does the image contain class c, scored by the largest "
+                                    "predicted probability of c (mAP). Localization only: every predicted class "
+                                    "mask relabelled by the ground-truth mask it overlaps best (an oracle for "
+                                    "the labels), then mIoU.",
+                        epilog="example:\n  loca evaluate-split --model runs/ft/seed_0/model.safetensors --data "
+                               "runs/demo/data\n")
+    es.add_argument("--model", required=True, metavar="FILE", help="a seed_K/model.safetensors from `loca finetune`")
+    es.add_argument("--data", required=True, metavar="DIR", help="the segmentation data set (its validation split)")
+    es.add_argument("--json", default=None, metavar="FILE")
+    es.add_argument("--device", default="auto")
 
     pd = sub.add_parser("predict", help="segment images with a fine-tuned model",
                         description="Write DIR/NAME.png (class ids) and DIR/NAME_overlay.png for every image.",
@@ -190,6 +207,58 @@ def main(argv=None) -> int:
     pd.add_argument("--images", required=True, metavar="PATH", help="an image file or a folder (recursive)")
     pd.add_argument("--out", required=True, metavar="DIR")
     pd.add_argument("--device", default="auto")
+
+    ep = sub.add_parser("evaluate-position", help="position-prediction accuracy of a pretraining run on "
+                                                  "held-out images (paper Fig. 3 left)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Draw training-like views of held-out images (seeded: the numbers repeat), "
+                                    "let the run's student predict every query token's reference patch, and "
+                                    "report the accuracy over Omega at the run's masking ratio eta and at each "
+                                    "--mask-ratios value. Chance is 1 / (reference patches).",
+                        epilog="examples:\n  loca evaluate-position runs/photos --mask-ratios 0,0.5,0.8,1\n"
+                               "  loca evaluate-position runs/demo/pretrain --data runs/demo/data/img_dir/val "
+                               "--json runs/demo/position.json")
+    ep.add_argument("run", metavar="RUN_DIR", help="a `loca pretrain --out` folder (its newest checkpoint)")
+    ep.add_argument("--data", default=None, metavar="PATH",
+                    help="held-out images (a folder); default: new crops of the built-in photos")
+    ep.add_argument("--mask-ratios", default="", metavar="ETAS", help="also evaluate at these eta, e.g. 0,0.5,1")
+    ep.add_argument("--images", type=int, default=512, help="images to evaluate (default 512)")
+    ep.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
+    ep.add_argument("--device", default="auto")
+
+    vz = sub.add_parser("visualize", help="pictures of a pretraining run: predicted positions at several eta "
+                                          "(paper Fig. 5) and cluster maps",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="OUT/positions.png: per held-out image, the first focal query and the "
+                                    "reference at each masking ratio, showing only the patches visible to the "
+                                    "query, its true location outlined in blue, the predicted patches in red. "
+                                    "OUT/clusters.png: each reference beside its patches coloured by the "
+                                    "teacher's prototype.",
+                        epilog="example:\n  loca visualize runs/photos --out runs/photos/pictures --mask-ratios "
+                               "0,0.8,1\n")
+    vz.add_argument("run", metavar="RUN_DIR", help="a `loca pretrain --out` folder (its newest checkpoint)")
+    vz.add_argument("--out", required=True, metavar="DIR")
+    vz.add_argument("--data", default=None, metavar="PATH",
+                    help="held-out images (a folder); default: new crops of the built-in photos")
+    vz.add_argument("--mask-ratios", default="0,0.8,1", metavar="ETAS", help="one column each (default 0,0.8,1)")
+    vz.add_argument("--images", type=int, default=6, help="rows (default 6)")
+    vz.add_argument("--device", default="auto")
+
+    rp = sub.add_parser("reproduce", help="the paper's figures and tables at small scale, with the paper's numbers",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Runs small versions of Fig. 3, Fig. 4, Tab. 1, Tab. 2a-d, Tab. 3 and Tab. 4 on "
+                                    "the built-in fmnist-scenes benchmark (cpu_demo pretrainings, shared between "
+                                    "experiments where the paper's design allows; 3 fine-tuning seeds) and writes "
+                                    "OUT/reproduction.md: ours (mean +- std), the paper's, a verdict per "
+                                    "experiment. Every step resumes; run it in parts with --only.",
+                        epilog="examples:\n  loca reproduce --suite small --out runs/repro --only tab1,tab2a\n"
+                               "  loca reproduce --suite small --out runs/repro      # all (hours on a CPU)\n")
+    rp.add_argument("--suite", choices=["small", "smoke"], default="small",
+                    help="small: the real suite; smoke: a seconds-long run of the machinery (tests)")
+    rp.add_argument("--out", default="runs/reproduce", metavar="DIR")
+    rp.add_argument("--only", default="", metavar="KEYS", help="comma-separated: fig3, fig4, tab1, tab2a, tab2b, "
+                                                               "tab2c, tab2d, tab3, tab4")
+    rp.add_argument("--fmnist-dir", default=None, metavar="DIR")
 
     dm = sub.add_parser("demo", help="the one-command demo: LOCA vs random init on built-in data",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -271,9 +340,33 @@ def main(argv=None) -> int:
                 import json
 
                 from .finetune import probe
-                scores = probe(args.backbone, args.data, cfg, args.arch, args.weights)
+                if args.multilabel:
+                    from .analysis import multilabel_probe
+                    scores = multilabel_probe(args.backbone, args.data, cfg, args.arch, args.weights)
+                else:
+                    scores = probe(args.backbone, args.data, cfg, args.arch, args.weights)
                 if args.json:
                     Path(args.json).write_text(json.dumps(scores, indent=1))
+        elif args.command == "evaluate-position":
+            from .analysis import evaluate_position, write_json
+            ratios = _parse_list(args.mask_ratios, float, "--mask-ratios") if args.mask_ratios else ()
+            result = evaluate_position(Path(args.run), args.data, ratios, args.images, device=args.device)
+            if args.json:
+                write_json(result, Path(args.json))
+        elif args.command == "reproduce":
+            from .reproduce import run_suite
+            only = [k.strip() for k in args.only.split(",") if k.strip()]
+            run_suite(Path(args.out), only, args.suite == "smoke", args.fmnist_dir)
+        elif args.command == "evaluate-split":
+            from .analysis import classification_localization_split, write_json
+            result = classification_localization_split(args.model, args.data, args.device)
+            if args.json:
+                write_json(result, Path(args.json))
+        elif args.command == "visualize":
+            from .analysis import visualize
+            visualize(Path(args.run), Path(args.out), args.data, _parse_list(args.mask_ratios, float,
+                                                                              "--mask-ratios"),
+                      args.images, device=args.device)
         elif args.command == "demo":
             from .demo import run_demo
             out = args.out if args.out != "runs/demo" or not args.quick else "runs/demo_quick"

@@ -79,6 +79,14 @@ class LossConfig:
     weight_position: float = 1.0
     weight_cluster: float = 1.0
     weight_memax: float = 1.0
+    # The paper's ablations (each off = the official method):
+    objective: str = "both"            # both | position | cluster: which loss trains (Sec. 4.1 "Combining ...")
+    localization: str = "patches"      # patches: every query token's position (LOCA) | center: one position per
+    #                                    query, its central patch | box: regress its box, L1 + GIoU (Tab. 1)
+    cluster_level: str = "patch"       # patch: every query token (LOCA) | cls | gap: one image-level assignment
+    #                                    per view, on a class token or the mean patch token (Tab. 2b)
+    box_l1_weight: float = 5.0         # UP-DETR / DETR weights of the box loss
+    box_giou_weight: float = 2.0
     # Small-batch mode: Sinkhorn also sees the teacher embeddings of this many recent reference tokens per
     # rank (re-scored with the current prototypes, as SwAV's queue), so its per-prototype sums do not rest on
     # one small batch. 0 = off (the official code). See docs/benchmarks.md for its measured effect.
@@ -387,6 +395,12 @@ def validate(cfg: Config) -> None:
          f"loss.reference_mask_ratio={lo.reference_mask_ratio}: allowed [0, 1] (eta, the masked fraction)")
     need(lo.reference_mask in ("structured", "unstructured"),
          f"loss.reference_mask={lo.reference_mask!r}: allowed 'structured' or 'unstructured'")
+    need(lo.objective in ("both", "position", "cluster"),
+         f"loss.objective={lo.objective!r}: allowed 'both', 'position' or 'cluster'")
+    need(lo.localization in ("patches", "center", "box"),
+         f"loss.localization={lo.localization!r}: allowed 'patches', 'center' or 'box'")
+    need(lo.cluster_level in ("patch", "cls", "gap"),
+         f"loss.cluster_level={lo.cluster_level!r}: allowed 'patch', 'cls' or 'gap'")
     need(lo.tau_student > 0 and lo.tau_teacher > 0, "loss.tau_student and loss.tau_teacher must be > 0")
     need(lo.sinkhorn_iters >= 0, f"loss.sinkhorn_iters={lo.sinkhorn_iters}: must be >= 0")
     need(o.epochs >= 1, f"optim.epochs={o.epochs}: must be >= 1")

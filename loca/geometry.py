@@ -94,3 +94,15 @@ def correspondence_by_canvas(image_hw: Tuple[int, int], ref_box: Box, ref_grid: 
     small = big[nearest_index(np.arange(query_grid), query_size, query_grid)][
         :, nearest_index(np.arange(query_grid), query_size, query_grid)]
     return small[:, ::-1].copy() if flip else small
+
+
+def relative_box(ref_box: Box, query_box: Box) -> np.ndarray:
+    """The official box tracker (official-implementation.md §1.4): the query's overlap with the reference in
+    the reference's unit coordinates, [valid, y, x, h, w] (float32). y, x = max(q_begin - r_begin, 0) / r_size,
+    h, w = overlap length / r_size; valid = 1 when both relative overlap sizes exceed 0.1. The target of the
+    box-regression localization ablation (paper Tab. 1)."""
+    (ry, rx, rh, rw), (qy, qx, qh, qw) = ref_box, query_box
+    oy = max(0, min(ry + rh, qy + qh) - max(ry, qy))
+    ox = max(0, min(rx + rw, qx + qw) - max(rx, qx))
+    y, x, h, w = max(qy - ry, 0) / rh, max(qx - rx, 0) / rw, oy / rh, ox / rw
+    return np.array([float(h > 0.1 and w > 0.1), y, x, h, w], dtype=np.float32)

@@ -97,6 +97,37 @@ def memax_loss(mean_probs: torch.Tensor) -> torch.Tensor:
     return (mean_probs * torch.log(mean_probs.clamp_min(1e-30))).sum()
 
 
+def box_corners(box: torch.Tensor) -> torch.Tensor:
+    """(..., 4) boxes (cy, cx, h, w) -> corners (y0, x0, y1, x1)."""
+    cy, cx, h, w = box.unbind(-1)
+    return torch.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], -1)
+
+
+def box_iou_giou(a: torch.Tensor, b: torch.Tensor):
+    """IoU and generalized IoU (Rezatofighi et al. 2019) of matching corner boxes (..., 4) -> (...), (...)."""
+    area_a = (a[..., 2] - a[..., 0]).clamp_min(0) * (a[..., 3] - a[..., 1]).clamp_min(0)
+    area_b = (b[..., 2] - b[..., 0]).clamp_min(0) * (b[..., 3] - b[..., 1]).clamp_min(0)
+    inter = ((torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp_min(0)
+             * (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp_min(0))
+    union = area_a + area_b - inter
+    iou = inter / union.clamp_min(1e-9)
+    hull = ((torch.maximum(a[..., 2], b[..., 2]) - torch.minimum(a[..., 0], b[..., 0]))
+            * (torch.maximum(a[..., 3], b[..., 3]) - torch.minimum(a[..., 1], b[..., 1])))
+    return iou, iou - (hull - union) / hull.clamp_min(1e-9)
+
+
+def box_loss(pred: torch.Tensor, target: torch.Tensor, l1_weight: float, giou_weight: float):
+    """The box-regression localization ablation (paper Tab. 1, as UP-DETR / DETR): pred (N, 4) (cy, cx, h, w)
+    in the reference's unit square, target (N, 5) [valid, y, x, h, w] from the box tracker. Mean over valid
+    queries of l1_weight * |pred - target|_1 + giou_weight * (1 - GIoU). Returns (loss, IoU per query)."""
+    valid = target[:, 0] > 0
+    y, x, h, w = target[:, 1:].unbind(-1)
+    goal = torch.stack([y + h / 2, x + w / 2, h, w], -1)
+    iou, giou = box_iou_giou(box_corners(pred.float()), box_corners(goal))
+    per_query = l1_weight * (pred.float() - goal).abs().sum(-1) + giou_weight * (1 - giou)
+    return (per_query * valid).sum() / (omega_size(valid) + 1e-8), iou.detach()
+
+
 class EmbeddingQueue:
     """The last ``size`` teacher embeddings of reference tokens (a ring buffer, oldest overwritten first), for
     the small-batch Sinkhorn of ``loss.queue_size``. Its state goes into checkpoints for exact resume."""

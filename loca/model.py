@@ -25,9 +25,11 @@ def timm_kwargs(cfg: Config) -> Dict:
     """Arguments that rebuild the encoder with ``timm.create_model(name, **kwargs)`` or
     ``VisionTransformer(**kwargs)``; stored in every ``backbone.safetensors``."""
     m = cfg.model
+    cls = cfg.loss.cluster_level == "cls"  # the Tab. 2b ablation adds a class token (without position embedding)
     return dict(img_size=cfg.views.reference_size, patch_size=m.patch_size, embed_dim=m.width, depth=m.depth,
-                num_heads=m.heads, mlp_ratio=m.mlp_ratio, class_token=False, global_pool="avg", fc_norm=False,
-                num_classes=0, act_layer=GELU_TANH, dynamic_img_size=True)
+                num_heads=m.heads, mlp_ratio=m.mlp_ratio, class_token=cls, no_embed_class=cls,
+                global_pool="token" if cls else "avg", fc_norm=False, num_classes=0, act_layer=GELU_TANH,
+                dynamic_img_size=True)
 
 
 def timm_model_name(cfg: Config) -> str:
@@ -40,13 +42,15 @@ def timm_model_name(cfg: Config) -> str:
 class Encoder(nn.Module):
     """f: patch embedding + learned position embedding (bilinearly resized with antialiasing for other grids,
     as the official JAX resize) + timm blocks + final norm. Optionally keeps only ``keep`` tokens, the same
-    for the whole batch, after the position embedding and before the blocks (the random query's drop)."""
+    for the whole batch, after the position embedding and before the blocks (the random query's drop). With
+    loss.cluster_level=cls a class token goes first (``prefix`` = 1); LOCA itself has none."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.vit = VisionTransformer(drop_path_rate=cfg.model.drop_path, weight_init="skip", **timm_kwargs(cfg))
         self.grid = tuple(self.vit.patch_embed.grid_size)
         self.grad_checkpointing = cfg.model.grad_checkpointing
+        self.prefix = 1 if self.vit.cls_token is not None else 0  # tokens before the patches in the output
 
     @property
     def width(self) -> int:
@@ -56,12 +60,17 @@ class Encoder(nn.Module):
         return resample_abs_pos_embed(self.vit.pos_embed, new_size=list(grid_hw), old_size=list(self.grid),
                                       num_prefix_tokens=0, interpolation="bilinear", antialias=True)
 
-    def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                use_pe: bool = True) -> torch.Tensor:
         x = self.vit.patch_embed(images)  # (B, H, W, C) with dynamic_img_size
         b, h, w, c = x.shape
-        x = x.reshape(b, h * w, c) + self.position_embedding((h, w))
+        x = x.reshape(b, h * w, c)
+        if use_pe:  # the official position-only ablation feeds its queries without it
+            x = x + self.position_embedding((h, w))
         if keep is not None:
             x = x[:, keep]
+        if self.prefix:
+            x = torch.cat([self.vit.cls_token.expand(b, -1, -1), x], dim=1)
         if self.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(self.vit.blocks, x)  # timm's: recompute each block in the backward pass
         else:
@@ -126,26 +135,63 @@ class LOCA(nn.Module):
         self.cross_block = CrossAttentionBlock(m.width, m.heads, m.mlp_ratio)
         self.final_norm = nn.LayerNorm(m.width, eps=1e-6)
         self.position_head = nn.Linear(m.width, cfg.num_reference_positions)
+        lo = cfg.loss
+        self.objective, self.localization, self.cluster_level = lo.objective, lo.localization, lo.cluster_level
+        # Box-regression ablation (Tab. 1): (y, x, h, w) of the query in the reference, from its mean token.
+        self.box_head = nn.Linear(m.width, 4) if lo.localization == "box" else None
         official_init_(self)
 
     def position_logits(self, query_tokens: torch.Tensor, reference_tokens: torch.Tensor) -> torch.Tensor:
         return self.position_head(self.final_norm(self.cross_block(query_tokens, reference_tokens)))
 
     def forward(self, random_query: Optional[torch.Tensor], random_keep: Optional[torch.Tensor],
-                focal_query: Optional[torch.Tensor], reference_tokens: torch.Tensor):
+                focal_query: Optional[torch.Tensor], reference_tokens: Optional[torch.Tensor],
+                reference: Optional[torch.Tensor] = None, reference_keep: Optional[torch.Tensor] = None):
         """The student's whole pass (one call, so DistributedDataParallel sees it): the random query
         (B, 3, S, S) with its kept token indices and the focal queries (B, Qf, 3, s, s), either may be None,
         attend to the visible reference tokens (B, kept, C). Returns the cluster cosines (B, M, K) and the
-        position logits (B, M, N_ref) of all M query tokens, random query first."""
-        tokens = []
+        position output of all M query tokens, random query first: logits (B, M, N_ref); with
+        loss.localization=center one logit row per query (B, Q, N_ref), with box one box per query (B, Q, 4).
+        An objective without clusters (positions) returns None in their place.
+
+        loss.objective=position is the official localization-only path: the reference is encoded here, by
+        the student with gradient, keeping only ``reference_keep`` tokens before the blocks, and the queries
+        get no position embedding."""
+        query_pe = self.objective != "position"
+        p, c = self.encoder.prefix, self.encoder.width
+        if self.objective == "position":
+            reference_tokens = self.encoder(reference, keep=reference_keep)[:, p:]
+        tokens, sizes, class_tokens = [], [], []
         if random_query is not None:
-            tokens.append(self.encoder(random_query, keep=random_keep))
+            out = self.encoder(random_query, keep=random_keep, use_pe=query_pe)
+            class_tokens.append(out[:, :p])
+            tokens.append(out[:, p:])
+            sizes.append(tokens[-1].shape[1])
         if focal_query is not None:
-            b = focal_query.shape[0]
-            tokens.append(self.encoder(focal_query.flatten(0, 1)).reshape(b, -1, self.encoder.width))
+            b, count = focal_query.shape[:2]
+            out = self.encoder(focal_query.flatten(0, 1), use_pe=query_pe)
+            class_tokens.append(out[:, :p].reshape(b, count * p, c))
+            tokens.append(out[:, p:].reshape(b, -1, c))
+            sizes += [tokens[-1].shape[1] // count] * count
         # The cross-attention is per query token, so all queries of an image attend to its reference at once.
         query_tokens = torch.cat(tokens, dim=1)
-        return self.proj_head(query_tokens), self.position_logits(query_tokens, reference_tokens)
+        clusters = None
+        if self.objective != "position":
+            if self.cluster_level == "patch":
+                clusters = self.proj_head(query_tokens)                                     # (B, M, K)
+            elif self.cluster_level == "cls":
+                clusters = self.proj_head(torch.cat(class_tokens, dim=1))                   # (B, Q, K)
+            else:  # gap: each query's mean patch token
+                clusters = self.proj_head(torch.stack([t.mean(1) for t in query_tokens.split(sizes, 1)], 1))
+        if self.objective == "cluster":
+            return clusters, None
+        if self.localization == "patches":
+            return clusters, self.position_logits(query_tokens, reference_tokens)
+        attended = self.final_norm(self.cross_block(query_tokens, reference_tokens))
+        pooled = torch.stack([part.mean(1) for part in attended.split(sizes, dim=1)], 1)   # (B, Q, C)
+        if self.localization == "center":
+            return clusters, self.position_head(pooled)
+        return clusters, self.box_head(pooled).sigmoid()
 
 
 def _xavier_blocks_(weight: torch.Tensor, blocks: int) -> None:
@@ -162,6 +208,8 @@ def official_init_(model: LOCA) -> None:
     lecun_normal_(vit.patch_embed.proj.weight)
     nn.init.zeros_(vit.patch_embed.proj.bias)
     nn.init.normal_(vit.pos_embed, std=1.0 / math.sqrt(vit.embed_dim))
+    if vit.cls_token is not None:
+        nn.init.normal_(vit.cls_token, std=1e-6)  # timm's init (the official code has no class token)
     for blk in vit.blocks:
         _xavier_blocks_(blk.attn.qkv.weight, 3)
         nn.init.zeros_(blk.attn.qkv.bias)
@@ -179,7 +227,8 @@ def official_init_(model: LOCA) -> None:
     for fc in (g.mlp.fc1, g.mlp.fc2):
         nn.init.xavier_uniform_(fc.weight)
         nn.init.normal_(fc.bias, std=1e-6)
-    for layer in list(model.proj_head.mlp) + [model.position_head]:
+    heads = [model.position_head] + ([model.box_head] if model.box_head is not None else [])
+    for layer in list(model.proj_head.mlp) + heads:
         if isinstance(layer, nn.Linear):
             lecun_normal_(layer.weight)
             nn.init.zeros_(layer.bias)

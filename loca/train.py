@@ -276,9 +276,11 @@ def _pretrain(cfg: Config, data: Optional[str], out: Path, log, world: World, de
     ddp_student = student
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
-        # With eta = 1 the cross-attention sees no reference token, so its attention weights get no gradient.
+        # With eta = 1 the cross-attention sees no reference token, so its attention weights get no gradient;
+        # the ablations leave a head unused (the projection head, the position or the box head).
+        unused = cfg.reference_kept == 0 or cfg.loss.objective != "both" or cfg.loss.localization == "box"
         ddp_student = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None,
-                                              find_unused_parameters=cfg.reference_kept == 0)
+                                              find_unused_parameters=unused)
 
     metrics_path = out / "metrics.jsonl"
     writer = None
@@ -501,7 +503,7 @@ def _flat(config: Dict) -> Dict:
 def _is_architecture(key: str) -> bool:
     """Keys that change parameter shapes or the modules' meaning; a checkpoint cannot load across them."""
     return (key.startswith("model.") and key not in ("model.drop_path", "model.teacher_drop_path")) or \
-        key == "views.reference_size"
+        key in ("views.reference_size", "loss.localization", "loss.cluster_level", "loss.objective")
 
 
 def _truncate_metrics(path: Path, keep_until: int) -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .augment import apply_photometric, draw_photometric, standardize
 from .config import Config
-from .geometry import correspondence, sample_crop_box
+from .geometry import correspondence, relative_box, sample_crop_box
 
 KINDS = ("reference", "random_query", "focal_query")
 
@@ -33,7 +33,8 @@ def _sizes(cfg: Config):
 def plan_views(height: int, width: int, cfg: Config, rng: np.random.Generator) -> Dict[str, torch.Tensor]:
     """All random draws of one image's views, in the official order, and the labels. Returns, per kind in
     KINDS, ``{kind}_box`` (n, 4) int64 (y, x, h, w), ``{kind}_flip`` (n,) bool, ``{kind}_photo`` (n, 13), and
-    ``random_labels`` (Qr, g*g), ``focal_labels`` (Qf, gf*gf) with -1 outside Omega."""
+    ``random_labels`` (Qr, g*g), ``focal_labels`` (Qf, gf*gf) with -1 outside Omega, and ``random_query_target``,
+    ``focal_query_target`` (n, 5): each query's box in the reference (:func:`relative_box`)."""
     v = cfg.views
     grid = cfg.reference_grid
     ref_box = sample_crop_box(rng, height, width, v.reference_scale, v.aspect_ratio)
@@ -41,7 +42,7 @@ def plan_views(height: int, width: int, cfg: Config, rng: np.random.Generator) -
             "reference_photo": [draw_photometric(rng, v, v.blur_p[0], 0.0)]}
 
     def queries(kind, count, size, scale, blur_p, solarize_p, qgrid, label_key):
-        boxes, flips, photos, labels = [], [], [], []
+        boxes, flips, photos, labels, targets = [], [], [], [], []
         for _ in range(count):
             box = sample_crop_box(rng, height, width, scale, v.aspect_ratio)
             flip = bool(rng.random() < v.flip_p)
@@ -49,7 +50,9 @@ def plan_views(height: int, width: int, cfg: Config, rng: np.random.Generator) -
             flips.append(flip)
             photos.append(draw_photometric(rng, v, blur_p, solarize_p))
             labels.append(correspondence(ref_box, grid, box, size, qgrid, flip).reshape(-1))
+            targets.append(relative_box(ref_box, box))
         plan[f"{kind}_box"], plan[f"{kind}_flip"], plan[f"{kind}_photo"] = boxes, flips, photos
+        plan[f"{kind}_target"] = np.asarray(targets, dtype=np.float32).reshape(-1, 5)
         plan[label_key] = np.stack(labels) if labels else np.zeros((0, qgrid * qgrid), dtype=np.int64)
 
     queries("random_query", v.num_random_queries, v.random_query_size, v.random_query_scale, v.blur_p[1],
@@ -63,6 +66,8 @@ def plan_views(height: int, width: int, cfg: Config, rng: np.random.Generator) -
         out[f"{kind}_photo"] = torch.tensor(np.asarray(plan[f"{kind}_photo"], dtype=np.float32).reshape(-1, 13))
     for key in ("random_labels", "focal_labels"):
         out[key] = torch.from_numpy(np.ascontiguousarray(plan[key], dtype=np.int64))
+    for key in ("random_query_target", "focal_query_target"):  # the query's box in the reference (Tab. 1)
+        out[key] = torch.from_numpy(plan[key])
     return out
 
 
@@ -120,8 +125,8 @@ def render_views(images: torch.Tensor, plan: Dict[str, torch.Tensor], cfg: Confi
         crops = apply_photometric(crops.flatten(0, 1), photo.flatten(0, 1), strengths)
         out[kind] = standardize(crops, v.mean, v.std).reshape(b, count, 3, size, size)
     out["reference"] = out["reference"][:, 0]
-    out["random_labels"] = plan["random_labels"].to(images.device)
-    out["focal_labels"] = plan["focal_labels"].to(images.device)
+    for key in ("random_labels", "focal_labels", "random_query_target", "focal_query_target"):
+        out[key] = plan[key].to(images.device)
     return out
 
 

@@ -1,5 +1,6 @@
 """Bad and unusual input: skipped with one warning naming the file, or converted; never a crash."""
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def image_file(draw):
     return ext, data
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("LOCA_FUZZ_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(image_file(), min_size=1, max_size=4))
 def test_fuzzed_folders_yield_valid_samples_or_skip_with_a_warning(files):
     import tempfile
@@ -189,3 +191,11 @@ def test_fifo_and_broken_links_in_the_folder_are_ignored(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")                         # opening it would block forever
     (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
     assert [p.name for p in FolderSource(tmp_path).files] == ["ok.png"]
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                           # orientation: rotate 90 degrees clockwise
+    img.save(tmp_path / "rotated.jpg", exif=exif)
+    assert tuple(load_image(tmp_path / "rotated.jpg").shape) == (3, 40, 20)

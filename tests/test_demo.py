@@ -28,3 +28,32 @@ def test_demo_quick(tmp_path, capsys):
     metrics = [json.loads(x) for x in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert any("probe_miou" in m for m in metrics)
     assert "LOCA" in capsys.readouterr().out
+
+
+def test_reproduce_smoke_runs_shares_pretrainings_and_resumes(tmp_path, capsys):
+    """`loca reproduce --suite smoke`: the machinery of the small suite (data, shared pretrainings, fine-tuning,
+    position accuracy, multi-label probe, the report with paper numbers and verdicts) in seconds."""
+    if not (DEBIAN_FMNIST / "train-images-idx3-ubyte.gz").exists() and not os.environ.get("CI"):
+        pytest.skip(f"Fashion-MNIST is not installed in {DEBIAN_FMNIST} (apt-get install dataset-fashion-mnist)")
+    from loca.reproduce import POS, _slug, verdict
+    assert _slug(POS) == _slug(POS + ("loss.reference_mask_ratio=0.8",)) != _slug(())   # same config, one run
+    out = tmp_path / "repro"
+    assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--only", "tab1,tab2b"]) == 0
+    report = (out / "reproduction.md").read_text()
+    assert "| variant | mIoU | position accuracy (%) |" in report
+    assert "Tab. 1: localization loss" in report and "| box coordinates (UP-DETR) |" in report and "| 39.0 |" in report
+    assert "Tab. 2b" in report and "Verdict" in report and "Fig. 3" not in report
+    runs = sorted(p.name for p in (out / "pretrain").iterdir())
+    assert len(runs) == 6 and "loca_default" in runs     # 3 position-only localizations; patch (default), cls, gap
+    row = json.loads((out / "results" / "tab1" / "all_patch_positions.json").read_text())
+    assert len(row["miou"]) == 1 and 0 <= row["position_accuracy"] <= 1
+    # a second call finds every result cached and redoes nothing
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")}
+    assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--only", "tab1,tab2b"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")} == stamp
+    assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--only", "tab9"]) == 1
+    assert "unknown experiment" in capsys.readouterr().err
+    # verdicts: ordered alike beyond the spread / the other way / within it
+    assert verdict([(10, 0.1), (5, 0.1)], [42.5, 38.6]) == "reproduced in direction"
+    assert verdict([(5, 0.1), (10, 0.1)], [42.5, 38.6]) == "not reproduced"
+    assert verdict([(10, 3.0), (9, 3.0)], [42.5, 38.6]) == "inconclusive"

@@ -131,7 +131,7 @@ def test_a_stop_signal_finishes_the_step_and_checkpoints(tmp_path, sig, workers)
                   load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt"))
 
 
-def test_sigterm_stops_a_finetuning_run_with_a_checkpoint_and_it_resumes(tmp_path):
+def test_sigterm_stops_a_finetuning_run_with_a_checkpoint(tmp_path):
     from test_finetune import write_squares
     data = write_squares(tmp_path / "squares")
     cmd = [sys.executable, "-m", "loca", "finetune", "--backbone", "random", "--arch", "cpu_tiny", "--data",
@@ -166,6 +166,26 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_the_previous_checkpo
     assert "could not write" in lines[-1] and "disk is full" in lines[-1] and "Traceback" not in err
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["step"] == 2 and not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 7 MB tmpfs (needs root and mount rights, as on CI; skipped elsewhere)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(where)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip() or 'not root'})")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_really_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(small_filesystem):
+    """cpu_tiny checkpoints are ~2.9 MB: two fit, the third does not (ENOSPC from the kernel)."""
+    with pytest.raises(CheckpointError, match=r"step_00000003.pt \(writing stopped part-way: the disk is full"):
+        pretrain(load_config("cpu_tiny", TINY + ["run.max_steps=6"]), None, small_filesystem, log=_quiet)
+    ckpts = small_filesystem / "checkpoints"
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 2 and not list(ckpts.glob("*.tmp"))
 
 
 WORKER_FAULT = textwrap.dedent("""
@@ -209,8 +229,9 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     """Kill the run with SIGKILL at random moments (checkpoints are written every step, so many kills land
     inside a write), restart it each time; the finished run equals an uninterrupted one bit for bit."""
     kills = int(os.environ.get("LOCA_FAULT_KILLS", "3"))
-    steps = 24
-    overrides = ["optim.epochs=3"]  # 24 steps
+    epochs = max(3, -(-(kills + 8) // 8))  # 8 steps per epoch; every attempt makes progress before its kill
+    steps = 8 * epochs
+    overrides = [f"optim.epochs={epochs}"]
     pretrain(load_config("cpu_tiny", TINY + overrides), None, tmp_path / "ref", log=_quiet)
     rng = random.Random(int(os.environ.get("LOCA_FAULT_SEED", "0")))
     run = tmp_path / "run"
@@ -222,7 +243,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
             end = time.time() + 120
             while _logged_steps(run) <= before and proc.poll() is None and time.time() < end:
                 time.sleep(0.002)  # wait for this attempt to make progress, then kill it at a random moment
-            time.sleep(rng.uniform(0.0, 0.15))
+            # Half the kills soon after a step is logged (when its checkpoint is being written), half later.
+            time.sleep(rng.uniform(0.0, 0.03) if rng.random() < 0.5 else rng.uniform(0.0, 0.15))
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate()

@@ -62,6 +62,17 @@ def test_tiny_run_learns_positions(tmp_path):
         assert (tmp_path / "run" / name).exists()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
 
+    # loca evaluate-position on held-out images: above chance at the trained eta = 0.8, and lower with the
+    # reference invisible (eta = 1), where the query's own colour cannot say where the reference crop lies
+    from loca.analysis import evaluate_position
+    held = _position_coded_folder(tmp_path / "held", count=32, seed=1)
+    res = evaluate_position(tmp_path / "run", str(held), [1.0], images=32, log=_quiet)
+    trained, blind = res["results"]
+    assert res["chance"] == 1 / 16 and trained["mask_ratio"] == 0.8 and blind["visible_reference_tokens"] == 0
+    assert trained["accuracy"] > 0.12 and trained["accuracy"] > blind["accuracy"], res
+    again = evaluate_position(tmp_path / "run", str(held), (), images=32, log=_quiet)
+    assert again["results"][0] == trained                               # seeded views: the numbers repeat
+
 
 def test_resume_equals_uninterrupted_run(tmp_path):
     overrides = ["optim.epochs=3", "run.builtin_images=32", "run.checkpoint_every=100"]
