@@ -43,6 +43,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
+def _add_held_out_flags(p: argparse.ArgumentParser) -> None:
+    """RUN_DIR and --data of the commands that look at a pretraining run on held-out images."""
+    p.add_argument("run", metavar="RUN_DIR", help="a `loca pretrain --out` folder (its newest checkpoint)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="held-out images (a folder); default: new crops of the built-in photos")
+
+
 def _config_from(args) -> "Config":  # noqa: F821
     overrides = list(args.overrides)
     for flag, key in (("device", "run.device"), ("precision", "run.precision"), ("workers", "run.workers"),
@@ -218,9 +225,7 @@ def main(argv=None) -> int:
                         epilog="examples:\n  loca evaluate-position runs/photos --mask-ratios 0,0.5,0.8,1\n"
                                "  loca evaluate-position runs/demo/pretrain --data runs/demo/data/img_dir/val "
                                "--json runs/demo/position.json")
-    ep.add_argument("run", metavar="RUN_DIR", help="a `loca pretrain --out` folder (its newest checkpoint)")
-    ep.add_argument("--data", default=None, metavar="PATH",
-                    help="held-out images (a folder); default: new crops of the built-in photos")
+    _add_held_out_flags(ep)
     ep.add_argument("--mask-ratios", default="", metavar="ETAS", help="also evaluate at these eta, e.g. 0,0.5,1")
     ep.add_argument("--images", type=int, default=512, help="images to evaluate (default 512)")
     ep.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
@@ -236,10 +241,8 @@ def main(argv=None) -> int:
                                     "teacher's prototype.",
                         epilog="example:\n  loca visualize runs/photos --out runs/photos/pictures --mask-ratios "
                                "0,0.8,1\n")
-    vz.add_argument("run", metavar="RUN_DIR", help="a `loca pretrain --out` folder (its newest checkpoint)")
+    _add_held_out_flags(vz)
     vz.add_argument("--out", required=True, metavar="DIR")
-    vz.add_argument("--data", default=None, metavar="PATH",
-                    help="held-out images (a folder); default: new crops of the built-in photos")
     vz.add_argument("--mask-ratios", default="0,0.8,1", metavar="ETAS", help="one column each (default 0,0.8,1)")
     vz.add_argument("--images", type=int, default=6, help="rows (default 6)")
     vz.add_argument("--device", default="auto")

@@ -265,3 +265,18 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
                                                                                      "checkpoints" / "last.pt"))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))   # every step logged once
+
+
+def test_a_log_write_that_fails_is_a_clear_error():
+    from loca.train import _write_line
+
+    class FullDisk:
+        def write(self, _text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    with pytest.raises(TrainingError, match=r"could not write runs/x/metrics.jsonl \(No space left on device\); "
+                                            r"the last checkpoint is intact"):
+        _write_line(FullDisk(), {"step": 1}, Path("runs/x/metrics.jsonl"))
