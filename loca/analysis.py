@@ -102,9 +102,9 @@ def visualize(run: Path, out: Path, data: Optional[str] = None, mask_ratios: Seq
 
     dev = resolve_device(device)
     student, teacher, cfg, step = load_run(run, dev)
-    if cfg.loss.objective == "cluster" or cfg.loss.localization != "patches":
-        raise TrainingError(f"{run}: `loca visualize` draws per-token positions (loss.localization=patches, "
-                            f"an objective with positions)")
+    if cfg.loss.objective == "cluster" or cfg.loss.localization != "patches" or cfg.loss.framework != "query_reference":
+        raise TrainingError(f"{run}: `loca visualize` draws the queries' per-token positions (the query-"
+                            f"reference framework, loss.localization=patches, an objective with positions)")
     if cfg.views.num_focal_queries == 0:
         raise TrainingError(f"{run}: the run has no focal query to draw")
     eval_cfg = copy.deepcopy(cfg)

@@ -83,6 +83,9 @@ class LossConfig:
     objective: str = "both"            # both | position | cluster: which loss trains (Sec. 4.1 "Combining ...")
     localization: str = "patches"      # patches: every query token's position (LOCA) | center: one position per
     #                                    query, its central patch | box: regress its box, L1 + GIoU (Tab. 1)
+    framework: str = "query_reference"  # query_reference (LOCA) | single_view: Zhai et al.'s one-view position
+    #                                    prediction, no position embedding, masked tokens attend only to the
+    #                                    unmasked ones (Fig. 2-3; needs objective=position)
     cluster_level: str = "patch"       # patch: every query token (LOCA) | cls | gap: one image-level assignment
     #                                    per view, on a class token or the mean patch token (Tab. 2b)
     box_l1_weight: float = 5.0         # UP-DETR / DETR weights of the box loss
@@ -399,6 +402,11 @@ def validate(cfg: Config) -> None:
          f"loss.objective={lo.objective!r}: allowed 'both', 'position' or 'cluster'")
     need(lo.localization in ("patches", "center", "box"),
          f"loss.localization={lo.localization!r}: allowed 'patches', 'center' or 'box'")
+    need(lo.framework in ("query_reference", "single_view"),
+         f"loss.framework={lo.framework!r}: allowed 'query_reference' or 'single_view'")
+    need(lo.framework == "query_reference" or (lo.objective == "position" and lo.localization == "patches"),
+         f"loss.framework=single_view predicts positions only: it needs loss.objective=position and "
+         f"loss.localization=patches (got {lo.objective!r}, {lo.localization!r})")
     need(lo.cluster_level in ("patch", "cls", "gap"),
          f"loss.cluster_level={lo.cluster_level!r}: allowed 'patch', 'cls' or 'gap'")
     need(lo.tau_student > 0 and lo.tau_teacher > 0, "loss.tau_student and loss.tau_teacher must be > 0")

@@ -35,6 +35,8 @@ def loca_forward(student, teacher: LOCA, batch: Dict[str, torch.Tensor], cfg: Co
     lo = cfg.loss
     reference = batch["reference"]
     device = reference.device
+    if lo.framework == "single_view":
+        return _single_view_forward(student, reference, cfg, generator)
     clusters_on = lo.objective != "position"
 
     targets = None
@@ -123,4 +125,23 @@ def loca_forward(student, teacher: LOCA, batch: Dict[str, torch.Tensor], cfg: Co
         "cluster_entropy": -loss_memax.detach(),
         "prediction_entropy": prediction_entropy.detach(),
     }
+    return loss, stats
+
+
+def _single_view_forward(student, reference: torch.Tensor, cfg: Config,
+                         generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The single-view framework (Fig. 2a): each reference token predicts its own position; the shared mask
+    (the same draw as LOCA's reference mask) decides which tokens may be attended to."""
+    n = cfg.num_reference_positions
+    keep = reference_keep(n, cfg.reference_kept, cfg.loss.reference_mask == "structured", reference.device,
+                          generator)
+    _, logits = student(None, None, None, None, reference, keep)
+    labels = torch.arange(n, device=reference.device).repeat(reference.shape[0])
+    logits = logits.flatten(0, 1)
+    loss = localization_loss(logits, labels)
+    zero = reference.new_zeros(())
+    with torch.no_grad():
+        stats = {"loss": loss.detach(), "loss_position": loss.detach(), "loss_cluster": zero, "loss_memax": zero,
+                 "correct": (logits.argmax(-1) == labels).sum().float(), "valid": labels.new_tensor(
+                     labels.numel()).float(), "cluster_entropy": zero, "prediction_entropy": zero}
     return loss, stats

@@ -61,7 +61,7 @@ class Encoder(nn.Module):
                                       num_prefix_tokens=0, interpolation="bilinear", antialias=True)
 
     def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None,
-                use_pe: bool = True) -> torch.Tensor:
+                use_pe: bool = True, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.vit.patch_embed(images)  # (B, H, W, C) with dynamic_img_size
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
@@ -71,7 +71,10 @@ class Encoder(nn.Module):
             x = x[:, keep]
         if self.prefix:
             x = torch.cat([self.vit.cls_token.expand(b, -1, -1), x], dim=1)
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        if attn_mask is not None:  # the single-view ablation: (N, N) bool, True where a token may attend
+            for block in self.vit.blocks:
+                x = block(x, attn_mask=attn_mask)
+        elif self.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(self.vit.blocks, x)  # timm's: recompute each block in the backward pass
         else:
             x = self.vit.blocks(x)
@@ -137,9 +140,16 @@ class LOCA(nn.Module):
         self.position_head = nn.Linear(m.width, cfg.num_reference_positions)
         lo = cfg.loss
         self.objective, self.localization, self.cluster_level = lo.objective, lo.localization, lo.cluster_level
+        self.framework = lo.framework
         # Box-regression ablation (Tab. 1): (y, x, h, w) of the query in the reference, from its mean token.
         self.box_head = nn.Linear(m.width, 4) if lo.localization == "box" else None
         official_init_(self)
+
+    def single_view_logits(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Fig. 2a, Zhai et al.: one view without position embedding, each token predicting its own position
+        (B, N, N) with the position head; masked tokens attend only to the unmasked ones."""
+        n = self.encoder.grid[0] * self.encoder.grid[1]
+        return self.position_head(self.encoder(images, use_pe=False, attn_mask=single_view_mask(n, keep)))
 
     def position_logits(self, query_tokens: torch.Tensor, reference_tokens: torch.Tensor) -> torch.Tensor:
         return self.position_head(self.final_norm(self.cross_block(query_tokens, reference_tokens)))
@@ -157,6 +167,8 @@ class LOCA(nn.Module):
         loss.objective=position is the official localization-only path: the reference is encoded here, by
         the student with gradient, keeping only ``reference_keep`` tokens before the blocks, and the queries
         get no position embedding."""
+        if self.framework == "single_view":
+            return None, self.single_view_logits(reference, reference_keep)
         query_pe = self.objective != "position"
         p, c = self.encoder.prefix, self.encoder.width
         if self.objective == "position":
@@ -192,6 +204,16 @@ class LOCA(nn.Module):
         if self.localization == "center":
             return clusters, self.position_head(pooled)
         return clusters, self.box_head(pooled).sigmoid()
+
+
+def single_view_mask(num_tokens: int, keep: torch.Tensor) -> torch.Tensor:
+    """Zhai et al.'s masking in one view: every token attends only to the unmasked ones (``keep``); with none
+    unmasked (eta = 1) each token sees only itself."""
+    allowed = torch.zeros(num_tokens, dtype=torch.bool, device=keep.device)
+    allowed[keep] = True
+    if not allowed.any():
+        return torch.eye(num_tokens, dtype=torch.bool, device=keep.device)
+    return allowed.expand(num_tokens, num_tokens).clone()
 
 
 def _xavier_blocks_(weight: torch.Tensor, blocks: int) -> None:

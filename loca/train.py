@@ -503,7 +503,7 @@ def _flat(config: Dict) -> Dict:
 def _is_architecture(key: str) -> bool:
     """Keys that change parameter shapes or the modules' meaning; a checkpoint cannot load across them."""
     return (key.startswith("model.") and key not in ("model.drop_path", "model.teacher_drop_path")) or \
-        key in ("views.reference_size", "loss.localization", "loss.cluster_level", "loss.objective")
+        key in ("views.reference_size", "loss.localization", "loss.cluster_level", "loss.objective", "loss.framework")
 
 
 def _truncate_metrics(path: Path, keep_until: int) -> None:

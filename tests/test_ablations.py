@@ -109,6 +109,37 @@ def test_image_level_clustering_predicts_one_assignment_per_view(level):
         assert _has_grad(grads, "encoder.vit.cls_token")
 
 
+def test_single_view_predicts_each_tokens_own_position():
+    cfg = load_config("cpu_tiny", ["loss.framework=single_view", "loss.objective=position"])
+    loss, stats, grads = _step(cfg)
+    assert stats["valid"] == 4 * cfg.num_reference_positions and stats["loss_cluster"] == 0
+    assert torch.isfinite(loss) and _has_grad(grads, "encoder") and _has_grad(grads, "position_head")
+    assert not _has_grad(grads, "cross_block") and not _has_grad(grads, "proj_head")
+    with pytest.raises(Exception, match="single_view predicts positions only"):
+        load_config("cpu_tiny", ["loss.framework=single_view"])
+
+
+def test_single_view_masked_tokens_are_never_attended_to():
+    """Changing a masked patch changes only that token's output; changing an unmasked one changes others."""
+    from loca.model import single_view_mask
+    cfg = load_config("cpu_tiny")
+    torch.manual_seed(0)
+    enc = Encoder(cfg).eval()
+    keep = torch.tensor([0, 1, 2, 3, 4, 5])                     # 6 of the 16 tokens unmasked
+    mask = single_view_mask(16, keep)
+    images = torch.randn(1, 3, 32, 32)
+    base = enc(images, use_pe=False, attn_mask=mask)
+    masked = images.clone()
+    masked[..., 24:32, 24:32] += 1.0                             # token 15 (masked)
+    out = enc(masked, use_pe=False, attn_mask=mask)
+    changed = (out - base).abs().amax(-1)[0] > 1e-6
+    assert changed.tolist() == [False] * 15 + [True]
+    visible = images.clone()
+    visible[..., 0:8, 0:8] += 1.0                                # token 0 (unmasked)
+    assert ((enc(visible, use_pe=False, attn_mask=mask) - base).abs().amax(-1)[0] > 1e-6).all()
+    assert single_view_mask(4, torch.tensor([], dtype=torch.long)).equal(torch.eye(4, dtype=torch.bool))
+
+
 def test_relative_box_by_hand():
     # reference at (10, 20) of 100 x 200; a query at (60, 170) of 80 x 60 overlaps 50 x 50 of it
     np.testing.assert_allclose(relative_box((10, 20, 100, 200), (60, 170, 80, 60)),
@@ -143,10 +174,12 @@ def test_sinkhorn_off_is_the_plain_softmax_and_memax_off_drops_the_term():
 
 @pytest.mark.parametrize("override", ["loss.objective=position", "loss.objective=cluster",
                                       "loss.localization=center", "loss.localization=box",
-                                      "loss.cluster_level=cls", "loss.cluster_level=gap"])
+                                      "loss.cluster_level=cls", "loss.cluster_level=gap",
+                                      "loss.framework=single_view loss.objective=position"])
 def test_each_ablation_trains_end_to_end(tmp_path, override):
     from loca.train import pretrain
-    cfg = load_config("cpu_tiny", [override, "run.builtin_images=16", "run.max_steps=3", "run.log_every=1"])
+    cfg = load_config("cpu_tiny", override.split() + ["run.builtin_images=16", "run.max_steps=3",
+                                                      "run.log_every=1"])
     result = pretrain(cfg, None, tmp_path, log=lambda *a: None)
     assert result["step"] == 3 and (tmp_path / "backbone.safetensors").exists()
     from loca.checkpoint import load_backbone
