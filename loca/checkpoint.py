@@ -138,9 +138,10 @@ def remove_partial_files(directory: Path) -> List[Path]:
 
 
 def load_latest_checkpoint(directory: Path, map_location="cpu") -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The newest checkpoint in ``directory`` that loads: ``last.pt``, else the step files newest first
-    (a file that does not load is reported and passed over). None when there is none."""
-    candidates = [directory / "last.pt"] + [p for _, p in reversed(checkpoint_history(directory))]
+    """The newest checkpoint in ``directory`` that loads: the step files newest first, then ``last.pt`` (which
+    lags the newest step file only when a kill fell between the two writes; a converted official checkpoint
+    is a lone ``last.pt``). A file that does not load is reported and passed over. None when there is none."""
+    candidates = [p for _, p in reversed(checkpoint_history(directory))] + [directory / "last.pt"]
     failures = []
     for path in candidates:
         if not path.exists():
