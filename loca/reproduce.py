@@ -130,7 +130,7 @@ def _slug(overrides: Optional[Sequence[str]]) -> str:
 
 
 def run_suite(out: Path, only: Sequence[str] = (), smoke: bool = False, fmnist_dir=None, log=print) -> Dict:
-    from .analysis import evaluate_position, multilabel_probe
+    from .analysis import evaluate_position, multilabel_probe, write_json
     from .finetune import finetune
     out = Path(out)
     size = SMOKE if smoke else SMALL
@@ -162,7 +162,7 @@ def run_suite(out: Path, only: Sequence[str] = (), smoke: bool = False, fmnist_d
             pretrain(cfg, str(data / "pretrain"), run, log=log)
             timings[f"pretrain {run.name}"] = round(time.perf_counter() - t, 1)
             (run / "done.json").write_text(json.dumps({"overrides": list(overrides)}))
-            _save(out / "timings.json", timings)
+            write_json(timings, out / "timings.json")
         return str(run / "backbone.safetensors"), run
 
     results: Dict[str, Dict[str, Dict]] = {}
@@ -195,7 +195,7 @@ def run_suite(out: Path, only: Sequence[str] = (), smoke: bool = False, fmnist_d
                 row["cluster_entropy"] = [r["cluster_entropy"] for r in rows if "cluster_entropy" in r][-1]
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(row, indent=1))
-            _save(out / "timings.json", timings)
+            write_json(timings, out / "timings.json")
             results[exp.key][v.name] = row
     report = write_report(out, chosen, results, timings, size)
     log(f"report: {out / 'reproduction.md'}")
@@ -204,11 +204,6 @@ def run_suite(out: Path, only: Sequence[str] = (), smoke: bool = False, fmnist_d
 
 def _load(path: Path) -> Optional[Dict]:
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _save(path: Path, obj: Dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1))
 
 
 def _mean_std(values) -> Tuple[float, float]:
