@@ -233,8 +233,11 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
     model = make_model().to(device)
     groups = [{"params": params, "lr_scale": scale, "encoder": encoder}
               for scale, encoder, params in layer_lr_scales(model, cfg.layer_decay)]
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                    weight_decay=cfg.weight_decay)
     train = _repeat_to(train, cfg.batch_size)
     ckpt_path = out / "checkpoint.pt"
     start = 0

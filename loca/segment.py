@@ -46,6 +46,7 @@ class SegConfig:
     # Not in Segmenter's recipe (both off by default); the usual levers for fine-tuning a pretrained ViT:
     layer_decay: float = 1.0           # BEiT/MAE layer-wise lr decay: block i of L gets lr x decay^(L - i)
     decoder_warmup: int = 0            # first N iterations train the decoder alone on the frozen encoder (LP-FT)
+    optimizer: str = "sgd"             # sgd (Segmenter: Nesterov, `momentum`) or adamw (MAE/BEiT segmentation)
     window_stride: Optional[int] = None  # sliding-window stride at evaluation; None = crop_size (Segmenter's 512)
     num_seeds: int = 5                 # the paper averages 5 runs
     sweep_holdout: float = 0.2         # --lr-sweep trains on the rest and scores on this part of train
@@ -123,6 +124,7 @@ def validate_seg(c: SegConfig) -> None:
     need(c.window_stride is None or 1 <= c.window_stride <= c.crop_size,
          f"finetune.window_stride={c.window_stride}: allowed 1..crop_size={c.crop_size}")
     need(0 < c.sweep_holdout < 1, f"finetune.sweep_holdout={c.sweep_holdout}: allowed (0, 1)")
+    need(c.optimizer in ("sgd", "adamw"), f"finetune.optimizer={c.optimizer!r}: allowed sgd or adamw")
     need(c.precision in ("fp32", "bf16"), f"finetune.precision={c.precision!r}: allowed fp32 or bf16")
     need(all(s > 0 for s in c.std), f"finetune.std={c.std}: must be positive")
     need(c.eval_every >= 0 and c.workers >= 0, "finetune.eval_every and finetune.workers must be >= 0")

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from loca.cli import main
+from loca.config import ConfigError
 from loca.finetune import (build_backbone, fewshot_indices, finetune, holdout_split, linear_probe,
                            load_weights_checked, predict)
 from loca.segdata import open_segmentation
@@ -282,3 +283,16 @@ def test_cli_finetune_probe_and_errors(squares, tmp_path, capsys):
     assert main(["finetune", "--backbone", "random", "--data", str(squares), "--out", str(tmp_path / "d"),
                  "crop=3"]) == 2
     assert "unknown fine-tuning key 'crop'" in capsys.readouterr().err
+
+
+def test_adamw_optimizer_option_trains_differently_from_sgd(squares, tmp_path):
+    with pytest.raises(ConfigError, match="finetune.optimizer='adam'"):
+        seg_config("cpu_tiny", ["optimizer=adam"])
+    tuned = {}
+    for name in ("sgd", "adamw"):
+        cfg = seg_config("cpu_tiny", ["iterations=3", f"optimizer={name}", "lr=1e-3"])
+        finetune("random", str(squares), tmp_path / name, cfg, seeds=[0], arch="cpu_tiny", log=lambda *a: None)
+        tuned[name] = load_file(str(tmp_path / name / "seed_0" / "model.safetensors"))["decoder.weight"]
+        assert json.loads((tmp_path / name / "results.json").read_text())["config"]["optimizer"] == name
+    # same seed, same data: only the update rule differs. Adam's first steps move each weight by ~lr
+    assert not torch.allclose(tuned["sgd"], tuned["adamw"])
