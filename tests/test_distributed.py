@@ -109,6 +109,28 @@ def test_two_gloo_processes_equal_one_process_and_resume_with_another_world_size
                    load_checkpoint(ddp / "checkpoints" / "last.pt")["student"], atol=1e-5, key_bias_atol=3e-4)
 
 
+@pytest.mark.parametrize("switches", [("loss.objective=position", "loss.localization=box"),
+                                      ("loss.cluster_level=cls",),
+                                      ("loss.objective=position", "loss.framework=single_view")],
+                         ids=["box-position-only", "cls-clustering", "single-view"])
+def test_ablation_switches_under_two_gloo_processes_equal_one_process(tmp_path, switches):
+    """The ablations leave heads without gradient (find_unused_parameters), add a class token or mask
+    attention: 2 processes still reproduce the single-process losses step for step."""
+    data = str(_position_coded_folder(tmp_path / "data", count=32))
+    args = COMMON + list(switches) + ["--data", data, "--max-steps", "2"]
+    one = _pretrain(args + ["--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = _pretrain(args + ["--out", str(tmp_path / "two")], procs=2)
+    assert two.returncode == 0, two.stderr
+    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+    terms = [k for k in a[0] if k.startswith("loss") or k.endswith("accuracy")]
+    assert "loss_position" in terms
+    for x, y in zip(a, b):
+        for k in terms:
+            assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
+
+
 def _children(pid):
     """The worker processes torchrun ``pid`` started (its children running ``loca pretrain``)."""
     kids = []
