@@ -9,6 +9,7 @@ items), 64 px (the demo's fine-tuning resolution), with another seed than `loca 
 
     python benchmarks/supervised_control.py --out /tmp/sup --steps 1000
     python benchmarks/supervised_control.py --out /tmp/init0 --official-init-only   # LOCA's init, untrained
+    python benchmarks/supervised_control.py --out /tmp/seg --encoder-of runs/ft/seed_0/model.safetensors
     loca finetune --backbone /tmp/sup/backbone.safetensors --data runs/demo/data --out /tmp/ft_sup
 """
 from __future__ import annotations
@@ -54,9 +55,23 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--official-init-only", action="store_true",
                     help="write LOCA's encoder as initialised (the official init), untrained, and stop")
+    ap.add_argument("--encoder-of", type=Path, default=None,
+                    help="write the encoder of a fine-tuned cpu_demo Segmenter (seed_K/model.safetensors) as a "
+                         "backbone, and stop: a start that does hold class information")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
+    if args.encoder_of:
+        from safetensors.torch import load_file
+        cfg = load_config("cpu_demo")
+        state = {k[len("encoder."):]: v for k, v in load_file(str(args.encoder_of)).items()
+                 if k.startswith("encoder.")}
+        meta = {"format": BACKBONE_FORMAT, "timm_model": timm_model_name(cfg),
+                "timm_kwargs": json.dumps(timm_kwargs(cfg)), "which": f"encoder of {args.encoder_of}", "step": "0",
+                "config": json.dumps(cfg.to_dict())}
+        atomic_write(args.out / "backbone.safetensors", lambda tmp: save_file(state, str(tmp), metadata=meta))
+        print(f"wrote {args.out / 'backbone.safetensors'} ({len(state)} tensors)")
+        return
     if args.official_init_only:  # the third start: tells the init scheme's share apart from pretraining's
         from loca.checkpoint import export_backbone
         from loca.model import LOCA
