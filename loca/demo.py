@@ -119,6 +119,11 @@ def write_report(out: Path, results: Dict[str, Dict], timings: Dict[str, float],
         f" | |",
     ])
     probes = _probe_line(out / "pretrain" / "metrics.jsonl")
+    if not (separated and diff > 0):
+        probes = ("LOCA does not clearly beat random init in this run. At the demo's budget we measured the same: "
+                  "this ViT does not learn the item classes in ~10 minutes of pretraining by any route (a "
+                  "supervised pretraining with the labels did no better); see the README and docs/benchmarks.md, "
+                  "\"Controls\".\n\n" + probes)
     minutes = {k: f"{v / 60:.1f} min" for k, v in timings.items()}
     text = f"""# LOCA demo{' (quick: a smoke run, not a measurement)' if quick else ''}
 

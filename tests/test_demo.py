@@ -21,6 +21,8 @@ def test_demo_quick(tmp_path, capsys):
     loca = json.loads((out / "finetune_loca" / "results.json").read_text())
     rand = json.loads((out / "finetune_random" / "results.json").read_text())
     assert summary["difference"] == pytest.approx(loca["miou_mean"] - rand["miou_mean"])
+    # the pointer to the explanation appears exactly when LOCA did not clearly win
+    assert ("does not clearly beat" in report) == (not (summary["separated"] and summary["difference"] > 0))
     assert len(loca["runs"]) == len(rand["runs"]) == 3
     assert loca["backbone"]["kind"] == "loca" and rand["backbone"]["kind"] == "random"
     for name in ("pretraining.png", "miou.png", "finetune_loss.png"):
