@@ -288,6 +288,45 @@ def plot_miou_bars(results: dict[str, list[float]], out_png: PathLike, title: st
     _save_figure(plt, fig, out_png)
 
 
+def plot_against_paper(ours: dict[str, list[float]], paper: dict[str, float | None], out_png: PathLike,
+                       title: str, ours_label: str = "ours: mIoU (%)", paper_label: str = "paper") -> None:
+    """Two panels over the same variants: our values (bar at the mean, std bar, seeds as dots) and the paper's
+    number (a bar, or "n/a"). Side by side rather than on one axis: the scales differ (our small benchmark
+    against ADE20k), and what should reproduce is the ordering."""
+    labels = [k for k in ours if ours[k]]
+    if not labels:
+        raise ValueError("plot_against_paper needs at least one variant with values")
+    stats = [_mean_std(ours[k]) for k in labels]
+    plt = _pyplot()
+    width = max(6.0, 2.0 + 1.6 * len(labels))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(width, 4), layout="constrained")
+    x = np.arange(len(labels))
+    # means with std bars and the seeds as dots (not bars from 0: differences of tenths must stay visible)
+    left.errorbar(x, [m for m, _ in stats], yerr=[sd for _, sd in stats], fmt="D", color="#3182bd", capsize=5,
+                  zorder=2)
+    for i, label in enumerate(labels):
+        values = ours[label]
+        offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
+        left.scatter(x[i] + offsets, values, color="#08306b", s=12, alpha=0.6, zorder=3)
+        left.annotate(f"{stats[i][0]:.2f}", (x[i], stats[i][0]), xytext=(10, 0), textcoords="offset points",
+                      va="center", fontsize="small")
+    left.set_xlim(-0.6, len(labels) - 0.4)
+    known = [paper.get(k) for k in labels]
+    right.bar(x, [v if v is not None else 0.0 for v in known], color="#fdd0a2", edgecolor="#e6550d")
+    top = max([v for v in known if v is not None], default=1.0) * 1.1
+    right.set_ylim(0.0, top)
+    for i, v in enumerate(known):
+        right.text(x[i], v / 2 if v is not None else top / 2, f"{v:g}" if v is not None else "n/a",
+                   ha="center", va="center")
+    tilt = len(labels) > 3 or max(len(k) for k in labels) > 12
+    for ax, name in ((left, ours_label), (right, paper_label)):
+        ax.set_xticks(x, labels, rotation=25 if tilt else 0, ha="right" if tilt else "center", fontsize="small")
+        ax.set(title=name)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize="medium")
+    _save_figure(plt, fig, out_png)
+
+
 def plot_curves(series: dict[str, tuple[list[float], list[float]]], out_png: PathLike, xlabel: str,
                 ylabel: str, title: str = "") -> None:
     """One line per label (fine-tuning loss curves, few-shot mIoU against the labelled fraction)."""

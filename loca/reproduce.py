@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .config import load_config
+from .plots import plot_against_paper
 from .scenes import build_fmnist_scenes
 from .segment import seg_config
 from .train import pretrain
@@ -261,6 +262,11 @@ def write_report(out: Path, chosen, results, timings, size: Size) -> str:
         if "miou" in exp.metrics:
             said = verdict(means, [v.paper for v in exp.variants])
             lines += ["", f"Verdict (mIoU ordering against the paper's): {said}."]
+            ours = {v.name: rows.get(v.name, {}).get("miou") or [] for v in exp.variants}
+            if any(ours.values()):
+                plot_against_paper(ours, {v.name: v.paper for v in exp.variants}, out / "plots" / f"{exp.key}.png",
+                                   exp.title, paper_label=f"paper: {exp.paper_metric}")
+                lines += ["", f"![{exp.key}](plots/{exp.key}.png)"]
         if exp.note:
             lines += ["", exp.note]
         lines.append("")

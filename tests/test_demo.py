@@ -45,6 +45,7 @@ def test_reproduce_smoke_runs_shares_pretrainings_and_resumes(tmp_path, capsys):
     assert "| variant | mIoU | position accuracy (%) |" in report
     assert "Tab. 1: localization loss" in report and "| box coordinates (UP-DETR) |" in report and "| 39.0 |" in report
     assert "Tab. 2b" in report and "Verdict" in report and "Fig. 3" not in report
+    assert "![tab1](plots/tab1.png)" in report and (out / "plots" / "tab1.png").stat().st_size > 0
     runs = sorted(p.name for p in (out / "pretrain").iterdir())
     assert len(runs) == 6 and "loca_default" in runs     # 3 position-only localizations; patch (default), cls, gap
     row = json.loads((out / "results" / "tab1" / "all_patch_positions.json").read_text())

@@ -224,6 +224,19 @@ def test_plot_miou_bars_writes_png(tmp_path):
         plots.plot_miou_bars({"loca": []}, out)
 
 
+def test_plot_against_paper_two_panels_and_missing_numbers(tmp_path):
+    out = tmp_path / "tab1.png"
+    plots.plot_against_paper({"all": [10.6, 10.9, 10.7], "center": [10.2], "box": []},
+                             {"all": 42.5, "center": 38.6, "box": None}, out, "Tab. 1")
+    width, height = _png_size(out)
+    assert width > height > 0  # two panels side by side
+    small = tmp_path / "one.png"
+    plots.plot_against_paper({"neither": [4.0, 4.5]}, {"neither": None}, small, "Tab. 2a")
+    assert _png_size(small)[0] > 0
+    with pytest.raises(ValueError):
+        plots.plot_against_paper({"box": []}, {"box": 39.0}, out, "empty")
+
+
 def test_plot_curves_writes_png_and_checks_lengths(tmp_path):
     out = tmp_path / "b" / "curves.png"
     plots.plot_curves({"loca": ([0.01, 0.1, 1.0], [5.0, 15.0, 30.0]), "scratch": ([0.01, 1.0], [1.0, 9.0])},
