@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -312,6 +313,11 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("pretrain", "config"):
+        # every rank would redo the same work and write the same files
+        print(f"loca: error: `loca {args.command}` runs in one process; start it without torchrun (only "
+              f"`loca pretrain` is distributed)", file=sys.stderr)
+        return 1
     try:
         if args.command == "config":
             import yaml

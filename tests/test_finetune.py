@@ -296,3 +296,11 @@ def test_adamw_optimizer_option_trains_differently_from_sgd(squares, tmp_path):
         assert json.loads((tmp_path / name / "results.json").read_text())["config"]["optimizer"] == name
     # same seed, same data: only the update rule differs. Adam's first steps move each weight by ~lr
     assert not torch.allclose(tuned["sgd"], tuned["adamw"])
+
+
+def test_finetune_under_torchrun_is_refused_in_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["finetune", "--backbone", "random", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "`loca finetune` runs in one process" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
