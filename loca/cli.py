@@ -256,13 +256,17 @@ def main(argv=None) -> int:
                                     "OUT/reproduction.md: ours (mean +- std), the paper's, a verdict per "
                                     "experiment. Every step resumes; run it in parts with --only.",
                         epilog="examples:\n  loca reproduce --suite small --out runs/repro --only tab1,tab2a\n"
-                               "  loca reproduce --suite small --out runs/repro      # all (hours on a CPU)\n")
+                               "  loca reproduce --suite small --out runs/repro      # all (hours on a CPU)\n"
+                               "  loca reproduce --out runs/repro --report-only      # the report of what is done\n")
     rp.add_argument("--suite", choices=["small", "smoke"], default="small",
                     help="small: the real suite; smoke: a seconds-long run of the machinery (tests)")
     rp.add_argument("--out", default="runs/reproduce", metavar="DIR")
     rp.add_argument("--only", default="", metavar="KEYS", help="comma-separated: fig3, fig4, tab1, tab2a, tab2b, "
                                                                "tab2c, tab2d, tab3, tab4")
     rp.add_argument("--fmnist-dir", default=None, metavar="DIR")
+    rp.add_argument("--report-only", action="store_true",
+                    help="run nothing: write OUT/reproduction.md and the plots from the results cached so far "
+                         "(rows not yet run show as a dash)")
 
     dm = sub.add_parser("demo", help="the one-command demo: LOCA vs random init on built-in data",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -365,7 +369,7 @@ def main(argv=None) -> int:
         elif args.command == "reproduce":
             from .reproduce import run_suite
             only = [k.strip() for k in args.only.split(",") if k.strip()]
-            run_suite(Path(args.out), only, args.suite == "smoke", args.fmnist_dir)
+            run_suite(Path(args.out), only, args.suite == "smoke", args.fmnist_dir, report_only=args.report_only)
         elif args.command == "evaluate-split":
             from .analysis import classification_localization_split, write_json
             result = classification_localization_split(args.model, args.data, args.device)

@@ -130,7 +130,8 @@ def _slug(overrides: Optional[Sequence[str]]) -> str:
     return "loca_" + hashlib.sha1(resolved.encode()).hexdigest()[:10]
 
 
-def run_suite(out: Path, only: Sequence[str] = (), smoke: bool = False, fmnist_dir=None, log=print) -> Dict:
+def run_suite(out: Path, only: Sequence[str] = (), smoke: bool = False, fmnist_dir=None, log=print,
+              report_only: bool = False) -> Dict:
     from .analysis import evaluate_position, multilabel_probe, write_json
     from .finetune import finetune
     out = Path(out)
@@ -141,7 +142,9 @@ def run_suite(out: Path, only: Sequence[str] = (), smoke: bool = False, fmnist_d
         raise ValueError(f"--only {','.join(unknown)}: unknown experiment; choose from {', '.join(sorted(known))}")
     chosen = [e for e in EXPERIMENTS if not only or e.key in only]
     data = out / "data"
-    if not (data / "classes.txt").exists():
+    if report_only and not (out / "results").is_dir():
+        raise ValueError(f"--report-only: {out / 'results'} does not exist; nothing has been run in {out} yet")
+    if not report_only and not (data / "classes.txt").exists():
         shutil.rmtree(data, ignore_errors=True)
         log(f"building Fashion-MNIST scenes in {data}")
         build_fmnist_scenes(data, 96, size.train, size.val, size.pretrain, 0, fmnist_dir, log=log)
@@ -173,6 +176,8 @@ def run_suite(out: Path, only: Sequence[str] = (), smoke: bool = False, fmnist_d
             cache = out / "results" / exp.key / (v.name.replace("/", "_").replace(" ", "_") + ".json")
             if cache.exists():
                 results[exp.key][v.name] = json.loads(cache.read_text())
+                continue
+            if report_only:
                 continue
             spec, run = backbone(v.pretrain)
             row: Dict = {"pretrain": list(v.pretrain) if v.pretrain is not None else None}

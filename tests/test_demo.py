@@ -54,6 +54,14 @@ def test_reproduce_smoke_runs_shares_pretrainings_and_resumes(tmp_path, capsys):
     stamp = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")}
     assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--only", "tab1,tab2b"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")} == stamp
+    # --report-only: every experiment in the report, nothing run (no new pretraining, no new result)
+    assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--report-only"]) == 0
+    full = (out / "reproduction.md").read_text()
+    assert "Fig. 3" in full and "| box coordinates (UP-DETR) |" in full and "| K=16 | — |" in full
+    assert sorted(p.name for p in (out / "pretrain").iterdir()) == runs
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")} == stamp
+    assert main(["reproduce", "--out", str(tmp_path / "none"), "--report-only"]) == 1
+    assert "nothing has been run" in capsys.readouterr().err
     assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--only", "tab9"]) == 1
     assert "unknown experiment" in capsys.readouterr().err
     # verdicts: ordered alike beyond the spread / the other way / within it
