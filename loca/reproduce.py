@@ -277,7 +277,9 @@ def write_report(out: Path, chosen, results, timings, size: Size) -> str:
             means.append(_mean_std(miou) if miou else (float("nan"), 0.0))
             lines.append(f"| {v.name} | " + " | ".join(cells) + f" | {v.paper if v.paper is not None else '—'} |")
         if "miou" in exp.metrics:
-            said = verdict(means, [v.paper for v in exp.variants])
+            have = sum(1 for v in exp.variants if rows.get(v.name, {}).get("miou"))
+            said = (verdict(means, [v.paper for v in exp.variants]) if have == len(exp.variants) else
+                    "not run yet" if have == 0 else f"incomplete ({have} of {len(exp.variants)} rows run)")
             lines += ["", f"Verdict (mIoU ordering against the paper's): {said}."]
             ours = {v.name: rows.get(v.name, {}).get("miou") or [] for v in exp.variants}
             if any(ours.values()):
