@@ -23,9 +23,8 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from loca.checkpoint import BACKBONE_FORMAT, atomic_write
+from loca.checkpoint import write_backbone
 from loca.config import load_config
 from loca.model import timm_kwargs, timm_model_name
 from loca.scenes import _backgrounds, load_fashion_mnist, make_scene
@@ -66,10 +65,7 @@ def main() -> None:
         cfg = load_config("cpu_demo")
         state = {k[len("encoder."):]: v for k, v in load_file(str(args.encoder_of)).items()
                  if k.startswith("encoder.")}
-        meta = {"format": BACKBONE_FORMAT, "timm_model": timm_model_name(cfg),
-                "timm_kwargs": json.dumps(timm_kwargs(cfg)), "which": f"encoder of {args.encoder_of}", "step": "0",
-                "config": json.dumps(cfg.to_dict())}
-        atomic_write(args.out / "backbone.safetensors", lambda tmp: save_file(state, str(tmp), metadata=meta))
+        write_backbone(args.out / "backbone.safetensors", state, cfg, f"encoder of {args.encoder_of}")
         print(f"wrote {args.out / 'backbone.safetensors'} ({len(state)} tensors)")
         return
     if args.official_init_only:  # the third start: tells the init scheme's share apart from pretraining's
@@ -114,10 +110,8 @@ def main() -> None:
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(rec, flush=True)
-    meta = {"format": BACKBONE_FORMAT, "timm_model": name, "timm_kwargs": json.dumps(kwargs),
-            "which": "supervised-control", "step": str(args.steps), "config": json.dumps(cfg.to_dict())}
     tensors = {k: v.detach().contiguous() for k, v in vit.state_dict().items()}
-    atomic_write(args.out / "backbone.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_backbone(args.out / "backbone.safetensors", tensors, cfg, "supervised-control", args.steps)
     print(f"wrote {args.out / 'backbone.safetensors'} after {time.perf_counter() - t0:.0f} s of training")
 
 

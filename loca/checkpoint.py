@@ -179,6 +179,11 @@ def encoder_state(model: LOCA) -> Dict[str, torch.Tensor]:
 
 
 def export_backbone(path: Path, model: LOCA, cfg: Config, which: str = "teacher", step: int = 0) -> None:
+    write_backbone(path, encoder_state(model), cfg, which, step)
+
+
+def write_backbone(path: Path, tensors: Dict[str, torch.Tensor], cfg: Config, which: str, step: int = 0) -> None:
+    """timm-named encoder tensors -> ``backbone.safetensors`` with the metadata that rebuilds the ViT."""
     meta = {
         "format": BACKBONE_FORMAT,
         "timm_model": timm_model_name(cfg),
@@ -187,7 +192,6 @@ def export_backbone(path: Path, model: LOCA, cfg: Config, which: str = "teacher"
         "step": str(step),
         "config": json.dumps(cfg.to_dict()),
     }
-    tensors = encoder_state(model)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
