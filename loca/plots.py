@@ -290,8 +290,8 @@ def plot_miou_bars(results: dict[str, list[float]], out_png: PathLike, title: st
 
 def plot_against_paper(ours: dict[str, list[float]], paper: dict[str, float | None], out_png: PathLike,
                        title: str, ours_label: str = "ours: mIoU (%)", paper_label: str = "paper") -> None:
-    """Two panels over the same variants: our values (bar at the mean, std bar, seeds as dots) and the paper's
-    number (a bar, or "n/a"). Side by side rather than on one axis: the scales differ (our small benchmark
+    """Two panels over the same variants: our values (the mean as a diamond, std bar, seeds as dots) and the
+    paper's number (a bar, or "n/a"). Side by side rather than on one axis: the scales differ (our small benchmark
     against ADE20k), and what should reproduce is the ordering."""
     labels = [k for k in ours if ours[k]]
     if not labels:

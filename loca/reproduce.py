@@ -153,6 +153,10 @@ def run_suite(out: Path, only: Sequence[str] = (), smoke: bool = False, fmnist_d
         build_fmnist_scenes(data, 96, size.train, size.val, size.pretrain, 0, fmnist_dir, log=log)
     timings = _load(out / "timings.json") or {}
 
+    def add_time(key: str, seconds: float) -> None:
+        timings[key] = round(timings.get(key, 0.0) + seconds, 1)
+        write_json(timings, out / "timings.json")
+
     def backbone(overrides: Optional[Tuple[str, ...]]) -> Tuple[str, Path]:
         if overrides is None:
             return "random", None
@@ -169,9 +173,7 @@ def run_suite(out: Path, only: Sequence[str] = (), smoke: bool = False, fmnist_d
             try:
                 pretrain(cfg, str(data / "pretrain"), run, log=log)
             finally:  # an interrupted part counts too: the time sums over the parts of a resumed run
-                key = f"pretrain {run.name}"
-                timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - t, 1)
-                write_json(timings, out / "timings.json")
+                add_time(f"pretrain {run.name}", time.perf_counter() - t)
             (run / "done.json").write_text(json.dumps({"overrides": list(overrides)}))
         return str(run / "backbone.safetensors"), run
 
@@ -199,8 +201,7 @@ def run_suite(out: Path, only: Sequence[str] = (), smoke: bool = False, fmnist_d
                                   arch="cpu_demo", log=log)
                 finally:
                     if not already:
-                        timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - t, 1)
-                        write_json(timings, out / "timings.json")
+                        add_time(key, time.perf_counter() - t)
                 row["miou"] = [r["miou"] for r in ft["runs"]]
             if "position_accuracy" in exp.metrics and run is not None:
                 pos = evaluate_position(run, str(data / "img_dir" / "val"), (), size.eval_images, log=log)
@@ -277,12 +278,12 @@ def write_report(out: Path, chosen, results, timings, size: Size) -> str:
             means.append(_mean_std(miou) if miou else (float("nan"), 0.0))
             lines.append(f"| {v.name} | " + " | ".join(cells) + f" | {v.paper if v.paper is not None else '—'} |")
         if "miou" in exp.metrics:
-            have = sum(1 for v in exp.variants if rows.get(v.name, {}).get("miou"))
+            ours = {v.name: rows.get(v.name, {}).get("miou") or [] for v in exp.variants}
+            have = sum(1 for values in ours.values() if values)
             said = (verdict(means, [v.paper for v in exp.variants]) if have == len(exp.variants) else
                     "not run yet" if have == 0 else f"incomplete ({have} of {len(exp.variants)} rows run)")
             lines += ["", f"Verdict (mIoU ordering against the paper's): {said}."]
-            ours = {v.name: rows.get(v.name, {}).get("miou") or [] for v in exp.variants}
-            if any(ours.values()):
+            if have:
                 plot_against_paper(ours, {v.name: v.paper for v in exp.variants}, out / "plots" / f"{exp.key}.png",
                                    exp.title, paper_label=f"paper: {exp.paper_metric}")
                 lines += ["", f"![{exp.key}](plots/{exp.key}.png)"]
