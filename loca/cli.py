@@ -262,7 +262,8 @@ def main(argv=None) -> int:
                     help="small: the real suite; smoke: a seconds-long run of the machinery (tests)")
     rp.add_argument("--out", default="runs/reproduce", metavar="DIR")
     rp.add_argument("--only", default="", metavar="KEYS", help="comma-separated: fig3, fig4, tab1, tab2a, tab2b, "
-                                                               "tab2c, tab2d, tab3, tab4")
+                                                               "tab2c, tab2d, tab3, tab4, seeds (the spread "
+                                                               "over pretraining seeds)")
     rp.add_argument("--fmnist-dir", default=None, metavar="DIR")
     rp.add_argument("--report-only", action="store_true",
                     help="run nothing: write OUT/reproduction.md and the plots from the results cached so far "

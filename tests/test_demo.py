@@ -39,6 +39,7 @@ def test_reproduce_smoke_runs_shares_pretrainings_and_resumes(tmp_path, capsys):
         pytest.skip(f"Fashion-MNIST is not installed in {DEBIAN_FMNIST} (apt-get install dataset-fashion-mnist)")
     from loca.reproduce import POS, _slug, verdict
     assert _slug(POS) == _slug(POS + ("loss.reference_mask_ratio=0.8",)) != _slug(())   # same config, one run
+    assert _slug(("run.workers=0",)) == _slug(("run.seed=0",)) == "loca_default" != _slug(("run.seed=1",))
     out = tmp_path / "repro"
     assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--only", "tab1,tab2b"]) == 0
     report = (out / "reproduction.md").read_text()
@@ -58,7 +59,7 @@ def test_reproduce_smoke_runs_shares_pretrainings_and_resumes(tmp_path, capsys):
     assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--report-only"]) == 0
     full = (out / "reproduction.md").read_text()
     assert "Fig. 3" in full and "| box coordinates (UP-DETR) |" in full and "| K=16 | — |" in full
-    assert full.count("Verdict (mIoU ordering against the paper's): not run yet.") == 7  # all but tab1, tab2b
+    assert full.count("Verdict (mIoU ordering against the paper's): not run yet.") == 8  # all but tab1, tab2b
     assert sorted(p.name for p in (out / "pretrain").iterdir()) == runs
     assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")} == stamp
     assert main(["reproduce", "--out", str(tmp_path / "none"), "--report-only"]) == 1
@@ -69,3 +70,19 @@ def test_reproduce_smoke_runs_shares_pretrainings_and_resumes(tmp_path, capsys):
     assert verdict([(10, 0.1), (5, 0.1)], [42.5, 38.6]) == "reproduced in direction"
     assert verdict([(5, 0.1), (10, 0.1)], [42.5, 38.6]) == "not reproduced"
     assert verdict([(10, 3.0), (9, 3.0)], [42.5, 38.6]) == "inconclusive"
+
+
+def test_reproduce_report_states_the_pretraining_seed_spread(tmp_path):
+    """The `seeds` experiment's report gives the std of the pretrainings' means (the noise floor of a
+    comparison between two pretrainings), and only once all three are run."""
+    from loca.reproduce import EXPERIMENTS, SMALL, write_report
+    seeds = [e for e in EXPERIMENTS if e.key == "seeds"]
+    names = [v.name for v in seeds[0].variants]
+    assert [v.pretrain for v in seeds[0].variants] == [(), ("run.seed=1",), ("run.seed=2",)]
+    rows = {n: {"miou": [m, m + 0.1, m - 0.1]} for n, m in zip(names, (10.0, 11.0, 12.0))}
+    text = write_report(tmp_path, seeds, {"seeds": rows}, {}, SMALL)
+    assert "Mean of the pretrainings' means 11.00, their std 1.00 mIoU." in text
+    assert "| pretraining seed 1 | 11.00 ± 0.10 | — |" in text
+    del rows[names[2]]
+    text = write_report(tmp_path, seeds, {"seeds": rows}, {}, SMALL)
+    assert "their std" not in text and "incomplete (2 of 3 rows run)" in text
