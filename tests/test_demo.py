@@ -59,6 +59,7 @@ def test_reproduce_smoke_runs_shares_pretrainings_and_resumes(tmp_path, capsys):
     assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--report-only"]) == 0
     full = (out / "reproduction.md").read_text()
     assert "Fig. 3" in full and "| box coordinates (UP-DETR) |" in full and "| K=16 | — |" in full
+    assert "| LOCA 1/8 | — | 34.4 |" in full and "| random init 1/8 | — | — |" in full  # the paper has no random row
     assert full.count("Verdict (mIoU ordering against the paper's): not run yet.") == 8  # all but tab1, tab2b
     assert sorted(p.name for p in (out / "pretrain").iterdir()) == runs
     assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")} == stamp
