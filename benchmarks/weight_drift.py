@@ -64,6 +64,7 @@ def main(argv=None) -> int:
         cfg = load_config(str(config)).to_dict()
         changed = [f"{s}.{k}={v}" for s in cfg if isinstance(cfg[s], dict) and s != "run"
                    for k, v in cfg[s].items() if default.get(s, {}).get(k) != v and k != "epochs"]
+        changed += [f"run.seed={cfg['run']['seed']}"] if cfg["run"]["seed"] else []
         miou = json.loads(result.read_text())["miou_mean"] if result.is_file() else float("nan")
         rows.append((run.name, relative_drift(load_file(str(backbone)), initial_encoder(config)), miou,
                      " ".join(changed) or "(cpu_demo)"))
