@@ -87,3 +87,22 @@ def test_reproduce_report_states_the_pretraining_seed_spread(tmp_path):
     del rows[names[2]]
     text = write_report(tmp_path, seeds, {"seeds": rows}, {}, SMALL)
     assert "their std" not in text and "incomplete (2 of 3 rows run)" in text
+
+
+def test_reproduce_verdict_against_the_pretraining_seed_spread(tmp_path):
+    """With the `seeds` rows in, each comparison gets a second, stricter verdict: a gap must also exceed the
+    std of the reseeded pretrainings' means, since every other row pretrains only once."""
+    from loca.reproduce import EXPERIMENTS, SMALL, verdict, write_report
+    assert verdict([(10, 0.1), (9, 0.1)], [42.5, 38.6]) == "reproduced in direction"
+    assert verdict([(10, 0.1), (9, 0.1)], [42.5, 38.6], floor=2.0) == "inconclusive"
+    chosen = [e for e in EXPERIMENTS if e.key in ("tab2d", "seeds")]
+    tab2d, seeds = (next(e for e in chosen if e.key == k) for k in ("tab2d", "seeds"))
+    results = {"tab2d": {v.name: {"miou": [m - 0.1, m, m + 0.1]} for v, m in zip(tab2d.variants, (12, 11.5, 11))}}
+    text = write_report(tmp_path, chosen, results, {}, SMALL)
+    assert "Verdict (mIoU ordering against the paper's): reproduced in direction." in text
+    assert "pretraining-seed std" not in text  # no seeds rows yet: no stricter verdict
+    results["seeds"] = {v.name: {"miou": [m, m]} for v, m in zip(seeds.variants, (10.0, 11.0, 12.0))}
+    text = write_report(tmp_path, chosen, results, {}, SMALL)
+    assert ("Verdict when a gap must also exceed the pretraining-seed std (1.00, `seeds` experiment): "
+            "inconclusive.") in text
+    assert text.count("pretraining-seed std (") == 1  # not on the seeds table itself
