@@ -292,14 +292,18 @@ def plot_against_paper(ours: dict[str, list[float]], paper: dict[str, float | No
                        title: str, ours_label: str = "ours: mIoU (%)", paper_label: str = "paper") -> None:
     """Two panels over the same variants: our values (the mean as a diamond, std bar, seeds as dots) and the
     paper's number (a bar, or "n/a"). Side by side rather than on one axis: the scales differ (our small benchmark
-    against ADE20k), and what should reproduce is the ordering."""
+    against ADE20k), and what should reproduce is the ordering. Where the paper gives no row a number (it only
+    plots them), our panel alone."""
     labels = [k for k in ours if ours[k]]
     if not labels:
         raise ValueError("plot_against_paper needs at least one variant with values")
     stats = [_mean_std(ours[k]) for k in labels]
     plt = _pyplot()
-    width = max(6.0, 2.0 + 1.6 * len(labels))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(width, 4), layout="constrained")
+    known = [paper.get(k) for k in labels]
+    with_paper = any(v is not None for v in known)
+    width = max(6.0, 2.0 + 1.6 * len(labels)) if with_paper else max(6.0, 1.5 + 0.9 * len(labels))
+    fig, axes = plt.subplots(1, 2 if with_paper else 1, figsize=(width, 4), layout="constrained", squeeze=False)
+    left = axes[0, 0]
     x = np.arange(len(labels))
     # means with std bars and the seeds as dots (not bars from 0: differences of tenths must stay visible)
     left.errorbar(x, [m for m, _ in stats], yerr=[sd for _, sd in stats], fmt="D", color="#3182bd", capsize=5,
@@ -311,15 +315,18 @@ def plot_against_paper(ours: dict[str, list[float]], paper: dict[str, float | No
         left.annotate(f"{stats[i][0]:.2f}", (x[i], stats[i][0]), xytext=(10, 0), textcoords="offset points",
                       va="center", fontsize="small")
     left.set_xlim(-0.6, len(labels) - 0.4)
-    known = [paper.get(k) for k in labels]
-    right.bar(x, [v if v is not None else 0.0 for v in known], color="#fdd0a2", edgecolor="#e6550d")
-    top = max([v for v in known if v is not None], default=1.0) * 1.1
-    right.set_ylim(0.0, top)
-    for i, v in enumerate(known):
-        right.text(x[i], v / 2 if v is not None else top / 2, f"{v:g}" if v is not None else "n/a",
-                   ha="center", va="center")
+    panels = [(left, ours_label if with_paper else f"{ours_label}\n(the paper gives no numbers for these rows)")]
+    if with_paper:
+        right = axes[0, 1]
+        right.bar(x, [v if v is not None else 0.0 for v in known], color="#fdd0a2", edgecolor="#e6550d")
+        top = max(v for v in known if v is not None) * 1.1
+        right.set_ylim(0.0, top)
+        for i, v in enumerate(known):
+            right.text(x[i], v / 2 if v is not None else top / 2, f"{v:g}" if v is not None else "n/a",
+                       ha="center", va="center")
+        panels.append((right, paper_label))
     tilt = len(labels) > 3 or max(len(k) for k in labels) > 12
-    for ax, name in ((left, ours_label), (right, paper_label)):
+    for ax, name in panels:
         ax.set_xticks(x, labels, rotation=25 if tilt else 0, ha="right" if tilt else "center", fontsize="small")
         ax.set(title=name)
         ax.grid(axis="y", alpha=0.3)

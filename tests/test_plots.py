@@ -233,6 +233,12 @@ def test_plot_against_paper_two_panels_and_missing_numbers(tmp_path):
     small = tmp_path / "one.png"
     plots.plot_against_paper({"neither": [4.0, 4.5]}, {"neither": None}, small, "Tab. 2a")
     assert _png_size(small)[0] > 0
+    # no paper numbers at all (Fig. 3, 4 are only plotted in the paper): our panel alone, so a narrower figure
+    same = {"all": [10.6, 10.9], "center": [10.2, 10.3], "box": [10.0, 10.1]}
+    plots.plot_against_paper(same, {"all": 42.5, "center": None, "box": None}, out, "Tab. 1")
+    only_ours = tmp_path / "fig4.png"
+    plots.plot_against_paper(same, dict.fromkeys(same), only_ours, "Fig. 4")
+    assert _png_size(only_ours)[0] < _png_size(out)[0]
     with pytest.raises(ValueError):
         plots.plot_against_paper({"box": []}, {"box": 39.0}, out, "empty")
 
