@@ -274,13 +274,13 @@ def verdict(ours: List[Tuple[float, float]], paper: List[Optional[float]], floor
     return "inconclusive"
 
 
-def _pretraining_seed_spread(chosen, results) -> Optional[float]:
-    """Std of the `seeds` experiment's per-pretraining mean mIoUs, when all its rows are in; else None."""
+def _pretraining_seed_spread(chosen, results) -> Optional[Tuple[float, float]]:
+    """Mean and std of the `seeds` experiment's per-pretraining mean mIoUs, when all its rows are in; else None."""
     seeds = [exp for exp in chosen if exp.key == "seeds"]
     rows = results.get("seeds", {})
     if not seeds or not all(rows.get(v.name, {}).get("miou") for v in seeds[0].variants):
         return None
-    return _mean_std(_mean_std(rows[v.name]["miou"])[0] for v in seeds[0].variants)[1]
+    return _mean_std(_mean_std(rows[v.name]["miou"])[0] for v in seeds[0].variants)
 
 
 def write_report(out: Path, chosen, results, timings, size: Size) -> str:
@@ -289,7 +289,8 @@ def write_report(out: Path, chosen, results, timings, size: Size) -> str:
              + (f" (stopped at step {size.pretrain_max_steps})" if size.pretrain_max_steps else "")
              + f", fine-tuning {size.finetune_iterations} iterations x {size.seeds} seeds on {size.train} scenes, "
              f"{size.val} validation scenes. Means +- sample std over seeds, percent.", ""]
-    seed_floor = _pretraining_seed_spread(chosen, results)
+    seed_spread = _pretraining_seed_spread(chosen, results)
+    seed_floor = seed_spread[1] if seed_spread else None
     for exp in chosen:
         rows = results.get(exp.key, {})
         names = [METRIC_NAMES[m] for m in exp.metrics]
@@ -325,9 +326,9 @@ def write_report(out: Path, chosen, results, timings, size: Size) -> str:
                 strict = verdict(means, [v.paper for v in exp.variants], floor=seed_floor, claims=claims)
                 lines += ["", f"Verdict when a gap must also exceed the pretraining-seed std ({seed_floor:.2f}, "
                           f"`seeds` experiment): {strict}."]
-            if exp.key == "seeds" and have == len(exp.variants):
-                spread = _mean_std(m for m, _ in means)
-                lines += ["", f"Mean of the pretrainings' means {spread[0]:.2f}, their std {spread[1]:.2f} mIoU."]
+            if exp.key == "seeds" and seed_spread:
+                lines += ["", f"Mean of the pretrainings' means {seed_spread[0]:.2f}, their std {seed_spread[1]:.2f} "
+                          "mIoU."]
             if have:
                 plot_against_paper(ours, {v.name: v.paper for v in exp.variants}, out / "plots" / f"{exp.key}.png",
                                    exp.title, paper_label=f"paper: {exp.paper_metric}")
