@@ -13,9 +13,10 @@ import torch
 from .checkpoint import load_latest_checkpoint
 from .config import Config, apply_nested, validate
 from .data import LOCADataset, build_source, collate
+from .faults import TrainingError
 from .method import loca_forward
 from .model import LOCA
-from .train import TrainingError, resolve_device
+from .train import resolve_device
 
 
 def load_run(run: Path, device: torch.device):

@@ -403,7 +403,7 @@ def main(argv=None) -> int:
         print("loca: interrupted", file=sys.stderr)
         return 130
     except (RuntimeError, OSError, ValueError) as exc:
-        from .train import Interrupted
+        from .faults import Interrupted
         if isinstance(exc, Interrupted):  # SIGTERM / SIGINT: a checkpoint was written, not an error
             print(f"loca: {exc}", file=sys.stderr)
             return exc.exit_code

@@ -73,13 +73,14 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values / dist.get_world_size()
 
 
-def any_over_ranks(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any (e.g. one rank got SIGTERM): all stop at the same step."""
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` over ranks, on every rank (e.g. the number of a stop signal that one rank got, 0
+    elsewhere: all ranks stop at the same step and say which signal)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def barrier() -> None:

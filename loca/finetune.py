@@ -27,8 +27,8 @@ from .segdata import SegSplit, open_segmentation
 from .segment import (SegConfig, Segmenter, eval_image, layer_lr_scales, load_segmenter, patch_tokens, poly_lr,
                       predict_label, save_segmenter, train_sample)
 from .checkpoint import _atomic_torch_save
-from .train import (Interrupted, StopRequest, TrainingError, _guarded, _truncate_metrics, _worker_init,
-                    resolve_device, step_seed)
+from .faults import Batches, Interrupted, StopRequest, TrainingError, worker_init_fn
+from .train import _truncate_metrics, resolve_device, step_seed
 
 FINETUNE_FORMAT = "loca-finetune-v1"
 FEWSHOT_FOLDS = 5
@@ -193,31 +193,45 @@ def _repeat_to(split: SegSplit, batch: int) -> SegSplit:
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
+class EvaluationStopped(Exception):
+    """A stop signal ended an evaluation before its last image: no partial scores are returned."""
+
+
 @torch.no_grad()
-def evaluate(model: Segmenter, split: SegSplit, cfg: SegConfig, device: torch.device,
-             keep: int = 0) -> Tuple[Dict, List[Tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+def evaluate(model: Segmenter, split: SegSplit, cfg: SegConfig, device: torch.device, keep: int = 0,
+             stop_request: Optional[StopRequest] = None) -> Tuple[Dict, List[Tuple[np.ndarray, np.ndarray,
+                                                                                         np.ndarray]]]:
     """Data-set-level scores on ``split`` (sliding window, original resolution); also returns the first
-    ``keep`` (image, truth, prediction) triples for pictures."""
+    ``keep`` (image, truth, prediction) triples for pictures. A pending stop ends it (EvaluationStopped)."""
     was_training = model.training
     model.eval()
     k = len(split.classes)
     conf = torch.zeros(k, k, dtype=torch.int64)
     examples = []
-    loader = DataLoader(_Items(split), batch_size=None, num_workers=min(cfg.workers, 2))
-    for i, (image, label) in enumerate(loader):
-        pred = predict_label(model, image, cfg, k, device)
-        conf += confusion_matrix(pred, label, k, split.ignore_index)
-        if i < keep:
-            examples.append((image.permute(1, 2, 0).numpy(), label.numpy(), pred.numpy()))
+    loader = DataLoader(_Items(split), batch_size=None, num_workers=min(cfg.workers, 2),
+                        worker_init_fn=worker_init_fn(), timeout=600 if cfg.workers else 0)
+    seen = 0
+    with Batches(loader, 600, stop_request) as items:
+        for image, label in items:
+            pred = predict_label(model, image, cfg, k, device)
+            conf += confusion_matrix(pred, label, k, split.ignore_index)
+            if seen < keep:
+                examples.append((image.permute(1, 2, 0).numpy(), label.numpy(), pred.numpy()))
+            seen += 1
     model.train(was_training)
+    if seen < len(split):
+        raise EvaluationStopped
     return segmentation_scores(conf), examples
 
 
 # ---- one fine-tuning run ---------------------------------------------------------------------------
 def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSplit, cfg: SegConfig, seed: int,
-              out: Path, max_steps: Optional[int] = None, log=print, label: str = "") -> Dict:
+              out: Path, stop_request: StopRequest, max_steps: Optional[int] = None, log=print,
+              label: str = "") -> Dict:
     """Fine-tune one model for cfg.iterations (or stop at max_steps), resumable from out/checkpoint.pt; score
-    it on ``val``. Writes out/metrics.jsonl, out/result.json and out/model.safetensors (by the caller)."""
+    it on ``val``. Writes out/metrics.jsonl and out/checkpoint.pt (kept until ``_finish`` has written
+    out/result.json, so a stop during the evaluation loses no training). A stop signal (``stop_request``)
+    finishes the iteration in flight, checkpoints and raises Interrupted."""
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     total = cfg.iterations
@@ -261,7 +275,7 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
 
     sampler = StepBatchSampler(len(train), cfg.batch_size, seed, start, stop)
     loader = DataLoader(TrainCrops(train, cfg, seed), batch_sampler=sampler, num_workers=cfg.workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+                        pin_memory=device.type == "cuda", worker_init_fn=worker_init_fn(),
                         timeout=600 if cfg.workers else 0)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
@@ -275,8 +289,15 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
         f"crop {cfg.crop_size}, lr {cfg.lr:g}) on {device}, {len(train)} training images")
     step, t0, window_t, window_n, losses = start, time.perf_counter(), time.perf_counter(), 0, []
     model.train()
-    with metrics_path.open("a") as mf, StopRequest() as stop_request:
-        batches = _guarded(loader, 600, stop_request)
+
+    def interrupted(where: str) -> Interrupted:
+        if progress is not None:
+            progress.close()
+        return Interrupted(f"{label}received {signal.Signals(stop_request.signum).name}: stopped {where}; "
+                           f"checkpoint written to {ckpt_path}. Run the same command again to resume.",
+                           stop_request.signum)
+
+    with metrics_path.open("a") as mf, Batches(loader, 600, stop_request) as batches:
         for images, labels in batches:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -301,7 +322,8 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
                 rate = window_n / max(time.perf_counter() - window_t, 1e-9)
                 record = {"step": step, "lr": lr, "loss": float(np.mean(losses)), "images_per_second": rate}
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != stop:
-                    record["val_miou"] = evaluate(model, val, cfg, device)[0]["miou"]
+                    with contextlib.suppress(EvaluationStopped):  # a stop: the loop ends below, checkpointed
+                        record["val_miou"] = evaluate(model, val, cfg, device, stop_request=stop_request)[0]["miou"]
                 mf.write(json.dumps(record) + "\n")
                 mf.flush()
                 if progress is None:
@@ -315,23 +337,20 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
                 progress.update(1)
             if step % cfg.checkpoint_every == 0 and step < stop:
                 _save_finetune_checkpoint(ckpt_path, model, optimizer, step, cfg, len(train))
-            if stop_request.signum is not None and step < stop:
+            if stop_request.pending and step < stop:
                 break
-        batches.close()
-        if stop_request.signum is not None and step < stop:  # SIGTERM / SIGINT: checkpoint, then exit
-            _save_finetune_checkpoint(ckpt_path, model, optimizer, step, cfg, len(train))
-            if progress is not None:
-                progress.close()
-            raise Interrupted(f"{label}received {signal.Signals(stop_request.signum).name}: stopped after "
-                              f"iteration {step} of {total}; checkpoint written to {ckpt_path}. Run the same "
-                              f"command again to resume.", stop_request.signum)
+    if stop_request.pending and step < stop:  # SIGTERM / SIGINT: checkpoint, then exit
+        _save_finetune_checkpoint(ckpt_path, model, optimizer, step, cfg, len(train))
+        raise interrupted(f"after iteration {step} of {total}")
     if progress is not None:
         progress.close()
-    if step < total:
-        _save_finetune_checkpoint(ckpt_path, model, optimizer, step, cfg, len(train))  # continue later
-    elif ckpt_path.exists():
-        ckpt_path.unlink()  # finished: model.safetensors holds everything worth keeping
-    scores, _ = evaluate(model, val, cfg, device)
+    if step > start or not ckpt_path.exists():
+        _save_finetune_checkpoint(ckpt_path, model, optimizer, step, cfg, len(train))
+    try:
+        scores, _ = evaluate(model, val, cfg, device, stop_request=stop_request)
+    except EvaluationStopped:
+        raise interrupted(f"during the evaluation after iteration {step} of {total} (the trained model is in "
+                          f"the checkpoint; the re-run only evaluates it)") from None
     result = {"seed": seed, "step": step, "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
               "iou_per_class": scores["iou_per_class"], "lr": cfg.lr,
               "train_seconds": round(time.perf_counter() - t0, 1)}
@@ -345,12 +364,17 @@ def _save_finetune_checkpoint(path: Path, model, optimizer, step: int, cfg: SegC
     _atomic_torch_save(state, path)
 
 
-def _finish(result: Dict, out: Path, encoder_meta: Dict, classes: List[str], cfg: SegConfig,
-            identity: Dict) -> Dict:
+def _finish(result: Dict, out: Path, cfg: SegConfig, save_model: Optional[Callable[[Segmenter, Path], None]]
+            = None) -> Dict:
+    """Write a freshly trained run's model (with ``save_model``) and result.json; then its checkpoint, kept
+    until now in case a stop cut the evaluation, goes if the schedule is complete."""
     model = result.pop("_model", None)
     if model is not None:
-        save_segmenter(out / "model.safetensors", model, encoder_meta, classes, cfg, {"backbone": identity})
+        if save_model is not None:
+            save_model(model, out / "model.safetensors")
         (out / "result.json").write_text(json.dumps(result, indent=1))
+    if result["step"] >= cfg.iterations:
+        (out / "checkpoint.pt").unlink(missing_ok=True)  # model.safetensors holds everything worth keeping
     return result
 
 
@@ -369,53 +393,61 @@ def finetune(backbone: str, data_root: str, out: Path, cfg: SegConfig, seeds: Op
     def make_model() -> Segmenter:
         return Segmenter(build_backbone(backbone, cfg.drop_path, arch, weights)[0], len(classes))
 
+    def save_model(model: Segmenter, path: Path) -> None:
+        save_segmenter(path, model, encoder_meta, classes, cfg, {"backbone": identity})
+
     log(f"fine-tuning {identity['spec']} on {data.root} ({data.layout}: {len(train)} of {len(data.train)} "
         f"training images, {len(data.val)} validation, {len(classes)} classes), seeds {seeds}")
-    sweep = {}
-    if lr_sweep:
-        part, held = holdout_split(len(train), cfg.sweep_holdout)
-        for lr in lr_sweep:
-            c = _with(cfg, lr=float(lr))
-            r = train_one(make_model, train.subset(part), train.subset(held), c, 0, out / "lr_sweep" / f"lr_{lr:g}",
-                          max_steps, log, label=f"[sweep lr {lr:g}] ")
-            r.pop("_model", None)
-            (out / "lr_sweep" / f"lr_{lr:g}" / "result.json").write_text(json.dumps(r, indent=1))
-            sweep[f"{lr:g}"] = r["miou"]
-        best = max(sweep, key=sweep.get)
-        log(f"lr sweep (mIoU on {len(held)} held-out training images): "
-            f"{', '.join(f'{k}: {v:.2f}' for k, v in sweep.items())} -> lr {best}")
-        cfg = _with(cfg, lr=float(best))
+    with StopRequest() as stop_request:  # one for the whole command: between seeds and evaluations too
+        sweep = {}
+        if lr_sweep:
+            part, held = holdout_split(len(train), cfg.sweep_holdout)
+            for lr in lr_sweep:
+                c = _with(cfg, lr=float(lr))
+                folder = out / "lr_sweep" / f"lr_{lr:g}"
+                r = train_one(make_model, train.subset(part), train.subset(held), c, 0, folder, stop_request,
+                              max_steps, log, label=f"[sweep lr {lr:g}] ")
+                sweep[f"{lr:g}"] = _finish(r, folder, c)["miou"]
+            best = max(sweep, key=sweep.get)
+            log(f"lr sweep (mIoU on {len(held)} held-out training images): "
+                f"{', '.join(f'{k}: {v:.2f}' for k, v in sweep.items())} -> lr {best}")
+            cfg = _with(cfg, lr=float(best))
 
-    runs = []
-    examples = []
-    for seed in seeds:
-        run_dir = out / f"seed_{seed}"
-        r = train_one(make_model, train, data.val, cfg, seed, run_dir, max_steps, log, label=f"[seed {seed}] ")
-        r = _finish(r, run_dir, encoder_meta, classes, cfg, identity)
-        runs.append(r)
-        log(f"[seed {seed}] mIoU {r['miou']:.2f} pixel accuracy {r['pixel_accuracy']:.2f}")
-    first_model, _, _ = load_segmenter(out / f"seed_{seeds[0]}" / "model.safetensors")
-    _, examples = evaluate(first_model, data.val.subset(range(min(cfg.num_examples, len(data.val)))), cfg,
-                           resolve_device(cfg.device), keep=cfg.num_examples)
-    from .plots import save_prediction_grid
-    save_prediction_grid(out / "predictions.png", [e[0] for e in examples], [e[1] for e in examples],
-                         [e[2] for e in examples], classes, data.val.ignore_index)
-    mious = np.array([r["miou"] for r in runs])
-    results = {
-        "miou_mean": float(mious.mean()), "miou_std": float(mious.std(ddof=1)) if len(mious) > 1 else 0.0,
-        "pixel_accuracy_mean": float(np.mean([r["pixel_accuracy"] for r in runs])),
-        "runs": [{k: r[k] for k in ("seed", "miou", "pixel_accuracy", "iou_per_class", "step", "train_seconds")}
-                 for r in runs],
-        "classes": classes, "lr": cfg.lr, "lr_sweep": sweep, "config": cfg.to_dict(), "backbone": identity,
-        "data": {"root": str(data.root), "layout": data.layout, "train_images": len(train),
-                 "all_train_images": len(data.train), "val_images": len(data.val), "fraction": fraction,
-                 "fold": fold},
-        "max_steps": max_steps,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    log(f"mIoU {results['miou_mean']:.2f} +- {results['miou_std']:.2f} over {len(runs)} seed(s); "
-        f"{out}/results.json, {out}/predictions.png")
-    return results
+        runs = []
+        for seed in seeds:
+            run_dir = out / f"seed_{seed}"
+            r = train_one(make_model, train, data.val, cfg, seed, run_dir, stop_request, max_steps, log,
+                          label=f"[seed {seed}] ")
+            r = _finish(r, run_dir, cfg, save_model)
+            runs.append(r)
+            log(f"[seed {seed}] mIoU {r['miou']:.2f} pixel accuracy {r['pixel_accuracy']:.2f}")
+        first_model, _, _ = load_segmenter(out / f"seed_{seeds[0]}" / "model.safetensors")
+        try:
+            _, examples = evaluate(first_model, data.val.subset(range(min(cfg.num_examples, len(data.val)))), cfg,
+                                   resolve_device(cfg.device), keep=cfg.num_examples, stop_request=stop_request)
+        except EvaluationStopped:
+            raise Interrupted(f"received {signal.Signals(stop_request.signum).name}: stopped before "
+                              f"{out / 'predictions.png'} was drawn; every seed's result is saved. Run the same "
+                              f"command again to finish.", stop_request.signum) from None
+        from .plots import save_prediction_grid
+        save_prediction_grid(out / "predictions.png", [e[0] for e in examples], [e[1] for e in examples],
+                             [e[2] for e in examples], classes, data.val.ignore_index)
+        mious = np.array([r["miou"] for r in runs])
+        results = {
+            "miou_mean": float(mious.mean()), "miou_std": float(mious.std(ddof=1)) if len(mious) > 1 else 0.0,
+            "pixel_accuracy_mean": float(np.mean([r["pixel_accuracy"] for r in runs])),
+            "runs": [{k: r[k] for k in ("seed", "miou", "pixel_accuracy", "iou_per_class", "step", "train_seconds")}
+                     for r in runs],
+            "classes": classes, "lr": cfg.lr, "lr_sweep": sweep, "config": cfg.to_dict(), "backbone": identity,
+            "data": {"root": str(data.root), "layout": data.layout, "train_images": len(train),
+                     "all_train_images": len(data.train), "val_images": len(data.val), "fraction": fraction,
+                     "fold": fold},
+            "max_steps": max_steps,
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        log(f"mIoU {results['miou_mean']:.2f} +- {results['miou_std']:.2f} over {len(runs)} seed(s); "
+            f"{out}/results.json, {out}/predictions.png")
+        return results
 
 
 def _with(cfg: SegConfig, **changes) -> SegConfig:

@@ -12,11 +12,10 @@ import json
 import math
 import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,91 +25,12 @@ from .checkpoint import export_backbone, load_latest_checkpoint, remove_partial_
 from .config import Config, dump_config
 from .data import LOCADataset, ShardStream, StepBatchSampler, build_source, collate, is_shard_pattern
 from .distributed import World, world_from_env
+from .faults import Batches, Interrupted, StopRequest, TrainingError, worker_init_fn
 from .losses import EmbeddingQueue
 from .method import loca_forward
 from .model import LOCA
 from .views import render_views
 from .schedules import ema_momentum, learning_rate
-
-
-class TrainingError(RuntimeError):
-    pass
-
-
-class Interrupted(TrainingError):
-    """SIGTERM / SIGINT: the step in flight was finished and a checkpoint written; exit code 128 + signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-class StopRequest:
-    """SIGTERM (preemption) and SIGINT (Ctrl-C) set a flag that the loop reads after each step; a second
-    SIGINT stops at once. Only the main thread can install handlers; elsewhere signals keep their defaults."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._previous = {}
-
-    def _handle(self, signum, _frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        if hasattr(signal, "SIGCHLD"):
-            # A SIGTERM sent to the whole process group also ends the data workers; without this PyTorch's
-            # SIGCHLD handler would raise mid-step. The batch in hand completes the step; no batch is needed
-            # after it.
-            self._previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _worker_init(_worker_id: int) -> None:
-    # A terminal's Ctrl-C reaches the whole process group: the workers leave it to the main process, which
-    # finishes the step and checkpoints (they exit when it shuts them down). SIGTERM keeps its default: the
-    # main process's own shutdown of a hung worker relies on it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _loader_failure(exc: RuntimeError, timeout: int) -> Optional[TrainingError]:
-    """The user-facing error for a DataLoader failure (a dead or hung worker); None for other errors."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if "DataLoader timed out" in text:
-        return TrainingError(f"no batch from the data workers for {timeout} s (a worker hangs: a stalled "
-                             f"network file system or a file that never finishes decoding); the last checkpoint "
-                             f"is intact, run the same command to resume; run.loader_timeout sets the limit")
-    if "DataLoader worker" in text:
-        return TrainingError(f"a data-loading worker died ({text}); the last checkpoint is intact, run the same "
-                             f"command to resume; if the machine ran out of memory, lower run.workers")
-    return None
-
-
-def _guarded(loader, timeout: int, stop_request: StopRequest) -> Iterator:
-    """Batches from ``loader``; a dead or hung data worker becomes a TrainingError that says what to do, or
-    ends the batches where a stop signal (which reaches the workers too) came first."""
-    batches = iter(loader)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except RuntimeError as exc:
-            failure = _loader_failure(exc, timeout)
-            if failure is None:
-                raise
-            if stop_request.signum is not None:
-                return
-            raise failure from None
-        yield batch
 
 
 def _write_line(f, record: Dict, path: Path) -> None:
@@ -295,11 +215,11 @@ def _pretrain(cfg: Config, data: Optional[str], out: Path, log, world: World, de
         # A stream has no random access: a resumed run restarts the epoch it stopped in (not bit-exact).
         dataset.start_epoch = start_step // steps_per_epoch
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                            worker_init_fn=_worker_init, timeout=cfg.run.loader_timeout if workers else 0)
+                            worker_init_fn=worker_init_fn(), timeout=cfg.run.loader_timeout if workers else 0)
     else:
         sampler = StepBatchSampler(len(dataset), batch, seed, start_step, stop_step, world.rank, world.size)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                            pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+                            pin_memory=device.type == "cuda", worker_init_fn=worker_init_fn(),
                             timeout=cfg.run.loader_timeout if workers else 0)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else
                                torch.float16) if precision in ("bf16", "fp16") else contextlib.nullcontext())
@@ -326,7 +246,6 @@ def _pretrain(cfg: Config, data: Optional[str], out: Path, log, world: World, de
     run_start = time.perf_counter()
     student.train()
     metrics_file = metrics_path.open("a") if world.main else None
-    batches = iter(())
 
     def save(step: int) -> None:
         bad = [n for n, p in student.named_parameters() if not bool(torch.isfinite(p).all())]
@@ -338,18 +257,19 @@ def _pretrain(cfg: Config, data: Optional[str], out: Path, log, world: World, de
         save_run_checkpoint(ckpt_dir, step, cfg.run.keep_checkpoints, student=student, teacher=teacher,
                             optimizer=optimizer, cfg=cfg, num_images=len(dataset), extra=extra)
 
-    def stop(step: int) -> None:
+    def stop(step: int, signum: int) -> None:
         distributed.barrier()  # rank 0's checkpoint is complete before any rank exits
-        name = signal.Signals(stop_request.signum).name if stop_request.signum else "a stop signal"
-        raise Interrupted(f"received {name}: stopped after step {step} of {total_steps}; checkpoint written to "
-                          f"{ckpt_dir / 'last.pt'}. Run the same command again to resume.",
-                          stop_request.signum or signal.SIGTERM)
+        where = "" if stop_request.signum == signum else " on another rank"
+        raise Interrupted(f"received {signal.Signals(signum).name}{where}: stopped after step {step} of "
+                          f"{total_steps}; checkpoint written to {ckpt_dir / 'last.pt'}. Run the same command "
+                          f"again to resume.", signum)
 
+    # One pass over the loader covers every remaining step (the sampler spans epochs), so its workers need not
+    # persist; `Batches` shuts them down when the pass ends, after an error too. Under DDP a stop never ends
+    # the batches early: the ranks agree on the step to stop after (below).
+    batches = Batches(loader, cfg.run.loader_timeout, stop_request, end_on_stop=not world.distributed)
     try:
-        # One pass over the loader covers every remaining step (the sampler spans epochs), so its workers
-        # need not persist; closing the pass in `finally` shuts them down even after an error.
-        batches = _guarded(loader, cfg.run.loader_timeout, stop_request) if stop_step > start_step else iter(())
-        for views in batches:
+        for views in (batches if stop_step > start_step else ()):
             if step >= stop_step:  # a shard stream is endless
                 break
             for name in views.pop("skipped"):
@@ -433,23 +353,17 @@ def _pretrain(cfg: Config, data: Optional[str], out: Path, log, world: World, de
                                            "probe_miou": scores["miou"]}, metrics_path)
                 writer.add_scalar("probe/miou", scores["miou"], step)
                 log(f"step {step}: linear probe mIoU {scores['miou']:.2f} on {cfg.run.probe_data}")
-            stopping = distributed.any_over_ranks(stop_request.signum is not None, device)
-            if world.main and (step % cfg.run.checkpoint_every == 0 or epoch_done or step == stop_step or stopping):
+            stop_signum = distributed.max_over_ranks(stop_request.signum or 0, device)
+            if world.main and (step % cfg.run.checkpoint_every == 0 or epoch_done or step == stop_step or stop_signum):
                 save(step)
-            if stopping:
-                stop(step)
-        if stop_request.signum is not None and step < stop_step:  # the signal also ended the data workers
+            if stop_signum:
+                stop(step, stop_signum)
+        if stop_request.pending and step < stop_step:  # the stop ended the batches before the next step
             if world.main:
                 save(step)
-            stop(step)
-    except RuntimeError as exc:  # a worker's death is also reported by a SIGCHLD handler, anywhere in the step
-        failure = _loader_failure(exc, cfg.run.loader_timeout)
-        if failure is None:
-            raise
-        raise failure from None
+            stop(step, stop_request.signum)
     finally:
-        if hasattr(batches, "close"):
-            batches.close()
+        batches.close()
         if metrics_file is not None:
             metrics_file.close()
         if progress is not None:
