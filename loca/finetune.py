@@ -27,7 +27,7 @@ from .segdata import SegSplit, open_segmentation
 from .segment import (SegConfig, Segmenter, eval_image, layer_lr_scales, load_segmenter, patch_tokens, poly_lr,
                       predict_label, save_segmenter, train_sample)
 from .checkpoint import _atomic_torch_save
-from .faults import Batches, Interrupted, StopRequest, TrainingError, worker_init_fn
+from .faults import Batches, Interrupted, StopRequest, TrainingError, worker_options
 from .train import _truncate_metrics, resolve_device, step_seed
 
 FINETUNE_FORMAT = "loca-finetune-v1"
@@ -209,7 +209,7 @@ def evaluate(model: Segmenter, split: SegSplit, cfg: SegConfig, device: torch.de
     conf = torch.zeros(k, k, dtype=torch.int64)
     examples = []
     loader = DataLoader(_Items(split), batch_size=None, num_workers=min(cfg.workers, 2),
-                        worker_init_fn=worker_init_fn(), timeout=600 if cfg.workers else 0)
+                        **worker_options(min(cfg.workers, 2)))
     seen = 0
     with Batches(loader, 600, stop_request) as items:
         for image, label in items:
@@ -275,8 +275,7 @@ def train_one(make_model: Callable[[], Segmenter], train: SegSplit, val: SegSpli
 
     sampler = StepBatchSampler(len(train), cfg.batch_size, seed, start, stop)
     loader = DataLoader(TrainCrops(train, cfg, seed), batch_sampler=sampler, num_workers=cfg.workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=worker_init_fn(),
-                        timeout=600 if cfg.workers else 0)
+                        pin_memory=device.type == "cuda", **worker_options(cfg.workers))
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     metrics_path = out / "metrics.jsonl"

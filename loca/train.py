@@ -25,7 +25,7 @@ from .checkpoint import export_backbone, load_latest_checkpoint, remove_partial_
 from .config import Config, dump_config
 from .data import LOCADataset, ShardStream, StepBatchSampler, build_source, collate, is_shard_pattern
 from .distributed import World, world_from_env
-from .faults import Batches, Interrupted, StopRequest, TrainingError, worker_init_fn
+from .faults import Batches, Interrupted, StopRequest, TrainingError, worker_options
 from .losses import EmbeddingQueue
 from .method import loca_forward
 from .model import LOCA
@@ -215,12 +215,11 @@ def _pretrain(cfg: Config, data: Optional[str], out: Path, log, world: World, de
         # A stream has no random access: a resumed run restarts the epoch it stopped in (not bit-exact).
         dataset.start_epoch = start_step // steps_per_epoch
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                            worker_init_fn=worker_init_fn(), timeout=cfg.run.loader_timeout if workers else 0)
+                            **worker_options(workers))
     else:
         sampler = StepBatchSampler(len(dataset), batch, seed, start_step, stop_step, world.rank, world.size)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                            pin_memory=device.type == "cuda", worker_init_fn=worker_init_fn(),
-                            timeout=cfg.run.loader_timeout if workers else 0)
+                            pin_memory=device.type == "cuda", **worker_options(workers))
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else
                                torch.float16) if precision in ("bf16", "fp16") else contextlib.nullcontext())
     if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16() and world.main:

@@ -107,46 +107,147 @@ def test_non_finite_loss_later_in_a_run_keeps_the_last_good_checkpoint(tmp_path,
 
 
 # ---- signals ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, 2), (signal.SIGINT, 2)])
-def test_a_stop_signal_finishes_the_step_and_checkpoints(tmp_path, sig, workers):
-    """SIGTERM (a cluster's preemption) or Ctrl-C, sent to the whole process group (data workers included):
-    the step in flight completes, a checkpoint is written, the exit code is 128 + signal; the same command
-    then resumes and ends exactly as an uninterrupted run."""
-    overrides = ["run.checkpoint_every=1000", f"run.workers={workers}", "run.max_steps=300"]
+CLEAN = ("Traceback", "Exception ignored", "race condition", "worker")  # none of these in a clean stop's stderr
+
+
+def _workers_of(pid):
+    """The pids of the data workers of the process ``pid`` (its children, from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
+def _assert_clean_stop(proc, err, sig):
+    assert proc.returncode == 128 + sig, err
+    assert f"received {signal.Signals(sig).name}: stopped" in err and "Run the same command again" in err, err
+    assert not [w for w in CLEAN if w in err], err
+
+
+@pytest.mark.parametrize("sig,target", [(signal.SIGTERM, "group"), (signal.SIGINT, "group"),
+                                        (signal.SIGTERM, "each")], ids=["SIGTERM-group", "SIGINT-group",
+                                                                        "SIGTERM-each-process"])
+def test_a_stop_signal_finishes_the_step_and_checkpoints(tmp_path, sig, target):
+    """SIGTERM (a cluster's preemption) or Ctrl-C, sent to the whole process group (a terminal, torchrun) or to
+    every process one by one, the data workers first (SLURM): the workers ignore it and go on delivering
+    batches, the step in flight completes, a checkpoint is written, the exit code is 128 + signal; the same
+    command then resumes and ends exactly as an uninterrupted run."""
+    overrides = ["run.checkpoint_every=1000", "run.workers=2", "run.max_steps=300"]
     proc = _cli(tmp_path / "run", *overrides)
     _wait_for_step(proc, tmp_path / "run", 3)
-    os.killpg(proc.pid, sig)
+    if target == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        workers = _workers_of(proc.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, sig)
+        _wait_for_step(proc, tmp_path / "run", _logged_steps(tmp_path / "run") + 2)  # the workers still deliver
+        os.kill(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig, err
-    name = signal.Signals(sig).name
-    assert f"received {name}: stopped after step" in err and "Run the same command again to resume" in err
-    assert "Traceback" not in err and "worker" not in err
+    _assert_clean_stop(proc, err, sig)
     stopped = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"]
     assert stopped == _logged_steps(tmp_path / "run") and 3 <= stopped < 300
     # Resume in-process to a nearby step and compare with an uninterrupted run of the same length.
-    end = [f"run.max_steps={stopped + 3}", f"run.workers={workers}"]
+    end = [f"run.max_steps={stopped + 3}", "run.workers=2"]
     pretrain(load_config("cpu_tiny", TINY + end), None, tmp_path / "run", log=_quiet)
     pretrain(load_config("cpu_tiny", TINY + end), None, tmp_path / "ref", log=_quiet)
     _same_weights(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt"),
                   load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt"))
 
 
+# A group SIGTERM at the worst moment of a worker's start: PyTorch has just installed its worker handlers
+# (which end a worker on any SIGTERM not sent by its parent), the worker's own init has not run yet.
+SIGNAL_AT_WORKER_START = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import torch.utils.data._utils.signal_handling as handling
+    from loca.cli import main
+    starts, nth = Path(sys.argv[1]), int(sys.argv[2])
+    real = handling._set_worker_signal_handlers
+
+    def installed_then_signalled(*args):
+        real(*args)
+        with open(starts, "a") as f:
+            f.write("x")
+        if starts.stat().st_size == nth:  # the nth worker started by this run
+            os.killpg(0, signal.SIGTERM)
+
+    handling._set_worker_signal_handlers = installed_then_signalled
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def _run_with_signal_at_worker_start(tmp_path, nth, args):
+    script = tmp_path / "signal_at_start.py"
+    script.write_text(SIGNAL_AT_WORKER_START)
+    cmd = [sys.executable, str(script), str(tmp_path / "starts"), str(nth), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    _, err = proc.communicate(timeout=180)
+    return proc, err
+
+
+def test_a_stop_signal_while_the_workers_start_stops_cleanly(tmp_path):
+    args = ["pretrain", "--config", "cpu_tiny", "--out", str(tmp_path / "run"), *TINY, "run.workers=2",
+            "run.max_steps=4"]
+    proc, err = _run_with_signal_at_worker_start(tmp_path, 1, args)
+    _assert_clean_stop(proc, err, signal.SIGTERM)
+    assert "stopped after step 0 of" in err or "stopped after step 1 of" in err  # the first batch may be in
+    pretrain(load_config("cpu_tiny", TINY + ["run.max_steps=4", "run.workers=2"]), None, tmp_path / "run",
+             log=_quiet)
+    pretrain(load_config("cpu_tiny", TINY + ["run.max_steps=4"]), None, tmp_path / "ref", log=_quiet)
+    _same_weights(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt"),
+                  load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt"))
+
+
+def _finetune_args(data, out, *extra):
+    return ["finetune", "--backbone", "random", "--arch", "cpu_tiny", "--data", str(data), "--out", str(out),
+            "--config", "cpu_tiny", "--seeds", "0", "log_every=1", "workers=1", *extra]
+
+
 def test_sigterm_stops_a_finetuning_run_with_a_checkpoint(tmp_path):
     from test_finetune import write_squares
     data = write_squares(tmp_path / "squares")
-    cmd = [sys.executable, "-m", "loca", "finetune", "--backbone", "random", "--arch", "cpu_tiny", "--data",
-           str(data), "--out", str(tmp_path / "ft"), "--config", "cpu_tiny", "--seeds", "0", "iterations=2000",
-           "log_every=1", "workers=1"]
+    cmd = [sys.executable, "-m", "loca", *_finetune_args(data, tmp_path / "ft", "iterations=2000")]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     _wait_for_step(proc, tmp_path / "ft" / "seed_0", 3)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "received SIGTERM: stopped after iteration" in err and "Traceback" not in err
+    _assert_clean_stop(proc, err, signal.SIGTERM)
+    assert "stopped after iteration" in err
     state = torch.load(tmp_path / "ft" / "seed_0" / "checkpoint.pt", weights_only=True)
     assert 3 <= state["step"] < 2000 and state["step"] == _logged_steps(tmp_path / "ft" / "seed_0")
+
+
+def test_a_stop_during_the_final_evaluation_loses_no_training(tmp_path):
+    """The evaluation's workers are new ones (a respawn): SIGTERM the job as the first of them starts. The
+    trained model stays in the checkpoint; the same command then only evaluates it, to the same result as an
+    uninterrupted run."""
+    from test_finetune import write_squares
+    data = write_squares(tmp_path / "squares")
+    proc, err = _run_with_signal_at_worker_start(tmp_path, 2, _finetune_args(data, tmp_path / "ft", "iterations=6"))
+    _assert_clean_stop(proc, err, signal.SIGTERM)
+    assert "stopped during the evaluation after iteration 6 of 6" in err
+    seed = tmp_path / "ft" / "seed_0"
+    assert torch.load(seed / "checkpoint.pt", weights_only=True)["step"] == 6 and not (seed / "result.json").exists()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    again = subprocess.run([sys.executable, "-m", "loca", *_finetune_args(data, tmp_path / "ft", "iterations=6")],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stdout and "fine-tuning 0 iterations" in again.stdout
+    assert not (seed / "checkpoint.pt").exists()  # gone once result.json holds the result
+    ref = subprocess.run([sys.executable, "-m", "loca", *_finetune_args(data, tmp_path / "ref", "iterations=6")],
+                         capture_output=True, text=True, env=env, timeout=180)
+    assert ref.returncode == 0, ref.stderr
+    result = json.loads((seed / "result.json").read_text())
+    assert result["miou"] == json.loads((tmp_path / "ref" / "seed_0" / "result.json").read_text())["miou"]
 
 
 # ---- full disk, dead and hung data workers ---------------------------------------------------------
