@@ -13,6 +13,10 @@ from what one machine happened to produce:
   It can never move by more than 2 max|r| (Cauchy-Schwarz bounds |r| by ``adam_ratio_cap``): an element whose
   exact gradient is 0 (a key bias: softmax ignores a shift shared by all keys) gets only that cap.
 - The update itself rounds a few times: 8 u |w|.
+- A forward pass computed in another order (another batch split, GEMM blocking, fused or unfused kernel): the
+  tiny test ViTs chain ~12 sums of at most 256 terms per output, each reordering moving it by ~sqrt(256) u =
+  1e-6 of the tensor's scale: FORWARD_REL = 2e-5 of the largest |value|. Entry-wise relative tolerances are
+  not used, because an entry near zero after cancellation carries the error of the terms it cancelled.
 """
 import math
 
@@ -20,6 +24,7 @@ import torch
 
 U = 2.0 ** -24
 GRAD_REL = 2e-5
+FORWARD_REL = 2e-5
 
 
 def adam_ratio_cap(betas, t: int) -> float:
@@ -74,3 +79,12 @@ def adam_step_bound(root_v_hat, error: float, lr: float, eps: float, cap: float,
 
 def rounding(weights: torch.Tensor) -> torch.Tensor:
     return 8 * U * weights.abs() + 1e-12
+
+
+def assert_reordered(actual: torch.Tensor, expected: torch.Tensor, rel: float = FORWARD_REL, what: str = ""):
+    """``actual`` equals ``expected`` up to the summation order of a forward pass: every entry within ``rel``
+    of the tensor's scale (its largest |value|)."""
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = float(expected.abs().max())
+    diff = float((actual.float() - expected.float()).abs().max())
+    assert diff <= rel * scale + 1e-30, f"{what}: max difference {diff:.3g} > {rel:g} x scale {scale:.3g}"
