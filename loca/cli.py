@@ -124,6 +124,13 @@ def _parse_list(text, kind, flag):
         raise ValueError(f"{flag} {text!r}: expected comma-separated values, e.g. 0,1,2") from None
 
 
+def _pair(text: str, kind, flag: str):
+    try:
+        a, b = (kind(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected two comma-separated numbers, e.g. {flag} 2,4") from None
+    return a, b
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="loca", description="LOCA: location-aware self-supervised pretraining of Vision Transformers.",
@@ -304,6 +311,11 @@ def main(argv=None) -> int:
     fm.add_argument("--split-backgrounds", action="store_true",
                     help="draw validation backgrounds from photos never used in training (a domain shift; default: "
                          "all splits share the 12 photos, items stay split by Fashion-MNIST's train/test)")
+    fm.add_argument("--items", default="2,4", metavar="MIN,MAX", help="items per scene (default 2,4)")
+    fm.add_argument("--item-scale", default="0.25,0.5", metavar="LO,HI",
+                    help="item side as a fraction of the scene side (default 0.25,0.5)")
+    fm.add_argument("--classes", choices=["fmnist", "coarse"], default="fmnist",
+                    help="fmnist: the 10 item classes; coarse: 4 (top, trouser, footwear, bag)")
     fm.add_argument("--fmnist-dir", default=None, metavar="DIR",
                     help="folder with the four Fashion-MNIST idx files (default: Debian's "
                          "/usr/share/datasets/fashion-mnist)")
@@ -333,12 +345,14 @@ def main(argv=None) -> int:
             out = Path(args.out or f"runs/{Path(args.config or DEFAULT_PRESET).stem}")
             pretrain(cfg, args.data, out)
         elif args.command == "data":
-            from .scenes import build_fmnist_scenes
+            from .scenes import SceneRecipe, build_fmnist_scenes
             if min(args.size, args.train, args.val, args.pretrain) < 0 or args.size < 16:
                 raise ValueError("--size must be >= 16 and --train/--val/--pretrain >= 0")
+            recipe = SceneRecipe(size=args.size, items=_pair(args.items, int, "--items"),
+                                 item_scale=_pair(args.item_scale, float, "--item-scale"), classes=args.classes)
             build_fmnist_scenes(Path(args.out), args.size, args.train, args.val, args.pretrain, args.seed,
                                 Path(args.fmnist_dir) if args.fmnist_dir else None,
-                                split_backgrounds=args.split_backgrounds)
+                                split_backgrounds=args.split_backgrounds, recipe=recipe)
         elif args.command in ("finetune", "probe"):
             cfg = _seg_config_from(args)
             if args.show_config:

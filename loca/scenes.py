@@ -5,6 +5,7 @@ photos are split the same way. Written in the mmsegmentation layout so it reads 
 from __future__ import annotations
 
 import gzip
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -21,6 +22,34 @@ FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 CLASSES = ("background", "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
            "bag", "ankle boot")
 SILHOUETTE_THRESHOLD = 10  # about half of each 28x28 item is exactly 0; > 10 is the item
+# Coarse classes: the ten Fashion-MNIST classes merged by shape (tops / trousers / footwear / bags), which a
+# small ViT can tell apart at a few patches per item, where shirt vs coat vs pullover it cannot.
+COARSE = {"names": ("background", "top", "trouser", "footwear", "bag"),
+          "of_fmnist": (1, 2, 1, 1, 1, 3, 1, 3, 4, 3)}  # fmnist class 0..9 -> coarse class 1..4
+
+
+@dataclass(frozen=True)
+class SceneRecipe:
+    """How scenes are drawn. The default is the original benchmark (scenes identical to earlier releases)."""
+    size: int = 96                                   # scene side (px)
+    items: Tuple[int, int] = (2, 4)                  # items per scene, inclusive
+    item_scale: Tuple[float, float] = (0.25, 0.5)    # item side as a fraction of the scene side
+    classes: str = "fmnist"                          # "fmnist" (10 item classes) or "coarse" (4)
+
+    def __post_init__(self):
+        if self.classes not in ("fmnist", "coarse"):
+            raise ValueError(f"classes={self.classes!r}: choose 'fmnist' or 'coarse'")
+        lo, hi = self.item_scale
+        if not (0 < lo <= hi <= 1) or not (1 <= self.items[0] <= self.items[1]) or self.size < 16:
+            raise ValueError(f"bad scene recipe {self}: need 0 < item_scale[0] <= item_scale[1] <= 1, "
+                             f"1 <= items[0] <= items[1], size >= 16")
+
+    @property
+    def class_names(self) -> Tuple[str, ...]:
+        return CLASSES if self.classes == "fmnist" else COARSE["names"]
+
+    def label_of(self, fmnist_class: int) -> int:
+        return fmnist_class + 1 if self.classes == "fmnist" else COARSE["of_fmnist"][fmnist_class]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -64,8 +93,12 @@ def _backgrounds(split: bool = False) -> Dict[str, list]:
     return {"train": photos, "val": photos}
 
 
-def make_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, photos, size: int):
-    """One RGB scene (size, size, 3) uint8 and its label map (size, size) uint8: 0 background, 1..10 items."""
+def make_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, photos, size: int,
+               recipe: Optional[SceneRecipe] = None):
+    """One RGB scene (size, size, 3) uint8 and its label map (size, size) uint8: 0 background, then the item
+    classes of ``recipe`` (default: 1..10, the Fashion-MNIST classes)."""
+    recipe = recipe or SceneRecipe(size=size)
+    lo, hi = int(recipe.item_scale[0] * size), int(recipe.item_scale[1] * size)
     photo = photos[int(rng.integers(len(photos)))]
     _, h, w = photo.shape
     side = int(rng.uniform(0.25, 1.0) * min(h, w))
@@ -74,9 +107,9 @@ def make_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, 
                        align_corners=False, antialias=True)[0]
     image = bg.permute(1, 2, 0).numpy()
     label = np.zeros((size, size), dtype=np.uint8)
-    for _ in range(int(rng.integers(2, 5))):
+    for _ in range(int(rng.integers(recipe.items[0], recipe.items[1] + 1))):
         k = int(rng.integers(len(items)))
-        scale = int(rng.integers(size // 4, size // 2 + 1))
+        scale = int(rng.integers(lo, hi + 1))
         item = torch.from_numpy(items[k].astype(np.float32))[None, None]
         item = F.interpolate(item, size=(scale, scale), mode="bilinear", align_corners=False)[0, 0].numpy()
         mask = item > SILHOUETTE_THRESHOLD
@@ -84,13 +117,16 @@ def make_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, 
         top, left = int(rng.integers(0, size - scale + 1)), int(rng.integers(0, size - scale + 1))
         region = image[top:top + scale, left:left + scale]
         region[mask] = item[mask, None] * tint  # later items occlude earlier ones
-        label[top:top + scale, left:left + scale][mask] = labels[k] + 1
+        label[top:top + scale, left:left + scale][mask] = recipe.label_of(int(labels[k]))
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
 def build_fmnist_scenes(out: Path, size: int = 96, train: int = 2000, val: int = 500, pretrain: int = 5000,
                         seed: int = 0, fmnist_dir: Optional[Path] = None, log=print,
-                        split_backgrounds: bool = False) -> Dict:
+                        split_backgrounds: bool = False, recipe: Optional[SceneRecipe] = None) -> Dict:
+    recipe = recipe or SceneRecipe(size=size)
+    if recipe.size != size:
+        raise ValueError(f"size={size} but recipe.size={recipe.size}")
     fm = load_fashion_mnist(fmnist_dir)
     photos = _backgrounds(split_backgrounds)
     out = Path(out)
@@ -104,10 +140,10 @@ def build_fmnist_scenes(out: Path, size: int = 96, train: int = 2000, val: int =
         items, labels = fm[item_split]
         for i in range(count):
             rng = np.random.default_rng([seed, offset, i])
-            image, label = make_scene(rng, items, labels, photos[photo_split], size)
+            image, label = make_scene(rng, items, labels, photos[photo_split], size, recipe)
             Image.fromarray(image).save(out / img_sub / f"{i:06d}.png")
             if ann_sub:
                 Image.fromarray(label).save(out / ann_sub / f"{i:06d}.png")
         log(f"wrote {count} scenes to {out / img_sub}")
-    (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    return {"train": train, "val": val, "pretrain": pretrain, "classes": len(CLASSES)}
+    (out / "classes.txt").write_text("\n".join(recipe.class_names) + "\n")
+    return {"train": train, "val": val, "pretrain": pretrain, "classes": len(recipe.class_names)}

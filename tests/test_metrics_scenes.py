@@ -94,3 +94,35 @@ def test_background_photos_shared_by_default_and_disjoint_when_split():
     assert len(shared["train"]) == len(shared["val"]) == len(split["train"]) + len(split["val"]) >= 10
     train_ids = {id(p) for p in split["train"]}
     assert not train_ids & {id(p) for p in split["val"]}
+
+
+def test_scene_recipe_masks_are_exact_and_follow_the_recipe():
+    """One item per scene on a flat photo: the label map is exactly the item's resized silhouette (> threshold),
+    carrying the recipe's class (coarse: trouser -> 2, bag -> 4), and the item's box respects item_scale."""
+    from loca.scenes import COARSE, SILHOUETTE_THRESHOLD, SceneRecipe, make_scene
+    items = np.zeros((10, 28, 28), np.uint8)
+    items[:, 4:24, 6:22] = 200                                                 # a 20 x 16 rectangle
+    labels = np.arange(10)
+    photo = torch.full((3, 40, 40), 7, dtype=torch.uint8)                     # flat, below the item's values
+    for classes in ("fmnist", "coarse"):
+        recipe = SceneRecipe(size=64, items=(1, 1), item_scale=(0.5, 0.75), classes=classes)
+        seen = set()
+        for seed in range(40):
+            image, label = make_scene(np.random.default_rng(seed), items, labels, [photo], 64, recipe)
+            ys, xs = np.nonzero(label)
+            assert len(np.unique(label[label > 0])) == 1
+            k = int(label[ys[0], xs[0]])
+            seen.add(k)
+            # The pasted region is where the image differs from the flat background, pixel for pixel.
+            assert np.array_equal(label > 0, (image != 7).any(-1))
+            height, width = ys.max() - ys[0] + 1, xs.max() - xs.min() + 1     # ~20/28 and ~16/28 of the side
+            side = height * 28 / 20
+            assert 0.5 * 64 - 3 <= side <= 0.75 * 64 + 3 and width < height
+        expected = set(range(1, 11)) if classes == "fmnist" else set(COARSE["of_fmnist"])
+        assert seen <= expected and len(seen) >= (8 if classes == "fmnist" else 4)
+        assert recipe.class_names[0] == "background" and len(recipe.class_names) == max(expected) + 1
+    assert SILHOUETTE_THRESHOLD < 200
+    with pytest.raises(ValueError, match="item_scale"):
+        SceneRecipe(item_scale=(0.6, 0.3))
+    with pytest.raises(ValueError, match="classes"):
+        SceneRecipe(classes="fine")
