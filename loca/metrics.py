@@ -33,3 +33,25 @@ def segmentation_scores(confusion: torch.Tensor) -> Dict:
     total = conf.sum()
     return {"miou": miou, "iou_per_class": iou,
             "pixel_accuracy": float(100 * intersection.sum() / total) if total > 0 else 0.0}
+
+
+# ---- comparing runs against seed noise -------------------------------------------------------------
+def mean_std(values) -> tuple:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = [float(v) for v in values]
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+
+def compare_seeds(a, b, min_stds: float = 3.0, min_points: float = 0.0) -> Dict:
+    """``a`` against ``b`` (per-seed values of two runs): the difference of the means, the pooled sample standard
+    deviation of the seeds, the difference in pooled stds, and whether it exceeds both ``min_stds`` of them and
+    ``min_points`` (a difference smaller than the seed noise says nothing)."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    dof = (len(a) - 1) + (len(b) - 1)
+    pooled = (((len(a) - 1) * sa ** 2 + (len(b) - 1) * sb ** 2) / dof) ** 0.5 if dof else float("nan")
+    diff = ma - mb
+    in_stds = diff / pooled if pooled > 0 else (float("inf") if diff > 0 else float("-inf") if diff < 0 else 0.0)
+    return {"difference": diff, "pooled_std": pooled, "in_stds": in_stds,
+            "exceeds_noise": bool(dof > 0 and abs(in_stds) >= min_stds and abs(diff) >= min_points)}

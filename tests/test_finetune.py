@@ -255,6 +255,38 @@ def test_linear_probe_learns_colour_squares_and_is_deterministic(squares):
     assert a["miou"] > 40  # colour alone separates the squares; chance-level would be ~ 33 % background only
 
 
+def test_the_probe_scores_features_that_hold_the_labels_high_and_noise_at_all_background(squares, monkeypatch):
+    """The positive and negative controls of the frozen probe: patch features that encode each patch's class
+    (its share of red and green pixels) score high (not 100: the probe predicts per 8 px patch and the 8-15 px
+    squares straddle patches); features of pure noise score no better than predicting background everywhere
+    (what a probe on useless features falls back to)."""
+    import loca.finetune as ft
+    data = open_segmentation(squares)
+    cfg = seg_config("cpu_tiny")
+    vit = tiny_vit(class_token=False, global_pool="avg", fc_norm=False)
+    real = ft.patch_tokens
+    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+    def label_features(model, images):  # per patch: the fractions of red and green pixels, then zeros
+        pixels = (images * std + mean) * 255
+        red = ((pixels[:, 0] > 180) & (pixels[:, 1] < 100)).float()[:, None]
+        green = ((pixels[:, 1] > 160) & (pixels[:, 0] < 100)).float()[:, None]
+        shares = F.avg_pool2d(torch.cat([red, green], 1), 8).permute(0, 2, 3, 1)   # (B, h, w, 2)
+        tokens = real(model, images)
+        return torch.cat([shares, torch.zeros_like(tokens[..., 2:])], -1)
+
+    noise = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(ft, "patch_tokens", label_features)
+    informed = linear_probe(vit, data.train, data.val, cfg)
+    monkeypatch.setattr(ft, "patch_tokens", lambda model, images: torch.randn(
+        *real(model, images).shape, generator=noise))
+    blind = linear_probe(vit, data.train, data.val, cfg)
+    labels = torch.cat([data.val.load(i)[1].flatten() for i in range(len(data.val))])
+    all_background = 100 * float((labels == 0).float().mean()) / 3      # IoU of background, 0 for the squares
+    assert informed["miou"] > 60 and informed["miou"] > all_background + 25, (informed["miou"], all_background)
+    assert blind["miou"] <= all_background + 3, (blind["miou"], all_background)
+
+
 def test_pretrain_logs_probe_miou(squares, tmp_path, tiny_cfg):
     from loca.train import pretrain
     tiny_cfg.run.probe_data = str(squares)

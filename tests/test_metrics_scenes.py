@@ -126,3 +126,35 @@ def test_scene_recipe_masks_are_exact_and_follow_the_recipe():
         SceneRecipe(item_scale=(0.6, 0.3))
     with pytest.raises(ValueError, match="classes"):
         SceneRecipe(classes="fine")
+
+
+def test_compare_seeds_against_a_hand_computation():
+    from loca.metrics import compare_seeds, mean_std
+    assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0)) and mean_std([5.0]) == (5.0, 0.0)
+    # a: mean 12, sample var 1; b: mean 10, sample var 4 -> pooled sqrt((2*1 + 2*4) / 4) = sqrt(2.5)
+    r = compare_seeds([11.0, 12.0, 13.0], [8.0, 10.0, 12.0], min_stds=1.0, min_points=1.0)
+    assert r["difference"] == pytest.approx(2.0) and r["pooled_std"] == pytest.approx(2.5 ** 0.5)
+    assert r["in_stds"] == pytest.approx(2.0 / 2.5 ** 0.5) and r["exceeds_noise"]
+    assert not compare_seeds([11.0, 12.0, 13.0], [8.0, 10.0, 12.0])["exceeds_noise"]       # 1.26 < 3 stds
+    assert not compare_seeds([10.5, 10.6, 10.4], [10.0, 10.1, 9.9], min_points=2.0)["exceeds_noise"]  # < 2 points
+    assert not compare_seeds([3.0], [1.0])["exceeds_noise"]                                # no seed noise known
+
+
+def test_validation_scenes_draw_only_test_items_and_training_scenes_only_training_items(tmp_path, fake_fmnist,
+                                                                                       monkeypatch):
+    import loca.scenes as scenes
+    fm = scenes.load_fashion_mnist(fake_fmnist)
+    used = []
+    real = scenes.make_scene
+
+    def recording(rng, items, labels, photos, size, recipe=None):
+        used.append(next(split for split, (x, _) in fm.items() if np.array_equal(x, items)))
+        return real(rng, items, labels, photos, size, recipe)
+
+    monkeypatch.setattr(scenes, "make_scene", recording)
+    scenes.build_fmnist_scenes(tmp_path / "s", 48, train=3, val=2, pretrain=4, fmnist_dir=fake_fmnist,
+                               log=lambda *a: None, recipe=scenes.SceneRecipe(size=48, classes="coarse"))
+    assert used == ["train"] * 3 + ["test"] * 2 + ["train"] * 4     # the order of the plan: train, val, pretrain
+    assert (tmp_path / "s" / "classes.txt").read_text().split() == ["background", "top", "trouser", "footwear", "bag"]
+    for i in range(3):
+        assert np.array(Image.open(tmp_path / "s" / "ann_dir" / "train" / f"{i:06d}.png")).max() <= 4
