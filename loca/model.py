@@ -43,7 +43,9 @@ class Encoder(nn.Module):
     """f: patch embedding + learned position embedding (bilinearly resized with antialiasing for other grids,
     as the official JAX resize) + timm blocks + final norm. Optionally keeps only ``keep`` tokens, the same
     for the whole batch, after the position embedding and before the blocks (the random query's drop). With
-    loss.cluster_level=cls a class token goes first (``prefix`` = 1); LOCA itself has none."""
+    loss.cluster_level=cls a class token goes first (``prefix`` = 1); LOCA itself has none. Built with timm's
+    weight_init="skip", it is not initialised on its own (the position embedding is uninitialised memory):
+    ``LOCA`` applies the official init (``official_init_``)."""
 
     def __init__(self, cfg: Config):
         super().__init__()

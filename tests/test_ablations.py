@@ -9,7 +9,7 @@ from loca.data import BuiltinPhotos, LOCADataset, collate
 from loca.geometry import relative_box
 from loca.losses import box_corners, box_iou_giou, box_loss, teacher_targets
 from loca.method import loca_forward
-from loca.model import LOCA, Encoder
+from loca.model import LOCA
 
 
 def _batch(cfg, n=4):
@@ -46,7 +46,7 @@ def test_position_only_is_the_official_localization_path():
 def test_queries_without_position_embedding_ignore_it():
     cfg = load_config("cpu_tiny")
     torch.manual_seed(0)
-    enc = Encoder(cfg).eval()
+    enc = LOCA(cfg).encoder.eval()  # an Encoder alone is not initialised (LOCA applies the official init)
     images = torch.randn(2, 3, 16, 16)
     before_no_pe, before_pe = enc(images, use_pe=False), enc(images)
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_single_view_masked_tokens_are_never_attended_to():
     from loca.model import single_view_mask
     cfg = load_config("cpu_tiny")
     torch.manual_seed(0)
-    enc = Encoder(cfg).eval()
+    enc = LOCA(cfg).encoder.eval()  # an Encoder alone is not initialised (LOCA applies the official init)
     keep = torch.tensor([0, 1, 2, 3, 4, 5])                     # 6 of the 16 tokens unmasked
     mask = single_view_mask(16, keep)
     images = torch.randn(1, 3, 32, 32)

@@ -117,3 +117,15 @@ def test_backbone_loads_into_timm(tmp_path, tiny_cfg):
         rebuilt = load_backbone(path).eval()
         torch.testing.assert_close(rebuilt.forward_features(x), ours)
         assert rebuilt.forward_features(torch.randn(1, 3, 48, 48)).shape == (1, 36, 64)
+
+
+def test_every_parameter_is_initialised_from_the_seed():
+    """Two models built from the same seed are equal and finite: no parameter is left as uninitialised memory
+    (timm's weight_init="skip" leaves the position embedding empty; LOCA's official init must cover it)."""
+    cfg = load_config("cpu_tiny")
+    torch.manual_seed(0)
+    a = LOCA(cfg)
+    torch.manual_seed(0)
+    b = LOCA(cfg)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.isfinite(p).all() and torch.equal(p, q), name
