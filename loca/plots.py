@@ -351,3 +351,42 @@ def plot_curves(series: dict[str, tuple[list[float], list[float]]], out_png: Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     _save_figure(plt, fig, out_png)
+
+
+def plot_demo(finetuned: dict[str, list[float]], probe: dict[str, float], position: dict[str, float],
+              chance: float | None, out_png: PathLike, finetune_title: str = "fine-tuned mIoU (%)") -> None:
+    """The demo's evidence in one figure: per start (random init, LOCA, the supervised control) the fine-tuned
+    mIoU (bar = mean, dots = seeds, error bar = std), the frozen linear probe's mIoU, and the pretext task's
+    position accuracy on held-out images against chance (starts without position heads are left out)."""
+    labels = list(finetuned)
+    colours = ["#bdbdbd", "#3182bd", "#31a354", "#756bb1"][:len(labels)]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4), layout="constrained")
+    x = np.arange(len(labels))
+    stats = [_mean_std(finetuned[k]) for k in labels]
+    bars = axes[0].bar(x, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color=colours)
+    for i, label in enumerate(labels):
+        values = finetuned[label]
+        offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(1)
+        axes[0].scatter(x[i] + offsets, values, color="black", s=12, zorder=3)
+    axes[0].bar_label(bars, labels=[f"{m:.1f}" for m, _ in stats], label_type="center")
+    axes[0].set_title(finetune_title, fontsize=10)
+    probe_labels = [k for k in labels if k in probe]
+    bars = axes[1].bar(np.arange(len(probe_labels)), [probe[k] for k in probe_labels],
+                       color=[colours[labels.index(k)] for k in probe_labels])
+    axes[1].bar_label(bars, labels=[f"{probe[k]:.1f}" for k in probe_labels], label_type="center")
+    axes[1].set_xticks(np.arange(len(probe_labels)), probe_labels)
+    axes[1].set_title("frozen linear probe mIoU (%)", fontsize=10)
+    pos_labels = [k for k in labels if k in position]
+    bars = axes[2].bar(np.arange(len(pos_labels)), [100 * position[k] for k in pos_labels],
+                       color=[colours[labels.index(k)] for k in pos_labels])
+    axes[2].bar_label(bars, labels=[f"{100 * position[k]:.1f}" for k in pos_labels], label_type="center")
+    if chance is not None:
+        axes[2].axhline(100 * chance, color="#de2d26", linestyle="--", label=f"chance {100 * chance:.1f}")
+        axes[2].legend(loc="upper right", fontsize=8)
+    axes[2].set_xticks(np.arange(len(pos_labels)), pos_labels)
+    axes[2].set_title("position accuracy (%), held-out images", fontsize=10)
+    axes[0].set_xticks(x, labels)
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    _save_figure(plt, fig, out_png)

@@ -1,6 +1,7 @@
-"""`loca demo --quick`: every stage of the demo (scenes, pretraining with the probe, two fine-tunings with 3
-seeds, the report) on tiny sizes. Needs the real Fashion-MNIST files (Debian's dataset-fashion-mnist, which
-CI installs); elsewhere it skips, except under CI where a missing file is a failure."""
+"""`loca demo --quick`: every stage of the demo (scenes, LOCA pretraining, the supervised control, probe and
+fine-tuning of three starts with 3 seeds, position accuracy, pictures, the report) on tiny sizes. Needs the real
+Fashion-MNIST files (Debian's dataset-fashion-mnist, which CI installs); elsewhere it skips, except under CI
+where a missing file is a failure."""
 import json
 import os
 
@@ -13,23 +14,32 @@ from loca.scenes import DEBIAN_FMNIST
 def test_demo_quick(tmp_path, capsys):
     if not (DEBIAN_FMNIST / "train-images-idx3-ubyte.gz").exists() and not os.environ.get("CI"):
         pytest.skip(f"Fashion-MNIST is not installed in {DEBIAN_FMNIST} (apt-get install dataset-fashion-mnist)")
+    from loca.metrics import compare_seeds
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert "| LOCA |" in report and "| random init |" in report and "difference" in report
+    assert report.startswith("# LOCA demo — SMOKE RUN")
+    for row in ("| random init |", "| LOCA |", "| supervised control |"):
+        assert row in report
     summary = json.loads((out / "report.json").read_text())
-    loca = json.loads((out / "finetune_loca" / "results.json").read_text())
-    rand = json.loads((out / "finetune_random" / "results.json").read_text())
-    assert summary["difference"] == pytest.approx(loca["miou_mean"] - rand["miou_mean"])
-    # the pointer to the explanation appears exactly when LOCA did not clearly win
-    assert ("does not clearly beat" in report) == (not (summary["separated"] and summary["difference"] > 0))
-    assert len(loca["runs"]) == len(rand["runs"]) == 3
-    assert loca["backbone"]["kind"] == "loca" and rand["backbone"]["kind"] == "random"
-    for name in ("pretraining.png", "miou.png", "finetune_loss.png"):
-        assert (out / "plots" / name).stat().st_size > 0
-    metrics = [json.loads(x) for x in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    assert any("probe_miou" in m for m in metrics)
-    assert "LOCA" in capsys.readouterr().out
+    results = {name: json.loads((out / f"finetune_{name}" / "results.json").read_text())
+               for name in ("random_init", "LOCA", "supervised_control")}
+    for name, r in results.items():
+        assert len(r["runs"]) == 3 and r["data"]["fraction"] == 0.25 and r["data"]["train_images"] == 24, name
+        assert summary["finetune_miou"][name.replace("_", " ")] == [run["miou"] for run in r["runs"]]
+    assert results["LOCA"]["backbone"]["kind"] == "loca" and results["random_init"]["backbone"]["kind"] == "random"
+    # the verdicts are computed from the per-seed results, and each pair has its sentence
+    expected = compare_seeds(summary["finetune_miou"]["LOCA"], summary["finetune_miou"]["random init"], 3.0, 2.0)
+    assert summary["loca_vs_random"] == pytest.approx(expected)
+    assert sum(s.startswith(("LOCA − random init", "supervised control − random init", "LOCA − supervised control"))
+               for s in summary["sentences"]) == 3
+    assert 0 <= summary["position_accuracy"] <= 1 and summary["chance"] == pytest.approx(1 / 64)
+    assert set(summary["probe_miou"]) == {"random init", "LOCA", "supervised control"}
+    for path in ("plots/evidence.png", "plots/pretraining.png", "plots/finetune_loss.png", "pictures/positions.png",
+                 "pictures/clusters.png", "control/backbone.safetensors"):
+        assert (out / path).stat().st_size > 0, path
+    printed = capsys.readouterr().out
+    assert "| LOCA |" in printed and "SMOKE RUN (--quick)" in printed.splitlines()[-2]
 
 
 def test_reproduce_smoke_runs_shares_pretrainings_and_resumes(tmp_path, capsys):
