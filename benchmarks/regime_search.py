@@ -20,30 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from loca.checkpoint import write_backbone
 from loca.config import load_config
+from loca.demo import supervised_control
 from loca.finetune import finetune, probe
 from loca.metrics import compare_seeds
 from loca.scenes import SceneRecipe, build_fmnist_scenes
 from loca.segment import seg_config
 from loca.train import pretrain
-
-
-def control_backbone(data: Path, out: Path, iterations: int, seed: int, workers: int, log) -> Path:
-    """Dense supervised control: a Segmenter trained on the control scenes; its encoder becomes the backbone."""
-    path = out / "backbone.safetensors"
-    if path.exists():
-        return path
-    seg = seg_config("cpu_demo", [f"iterations={iterations}", "log_every=100", "checkpoint_every=100000",
-                                  f"workers={workers}"])
-    finetune("random", str(data), out / "train", seg, seeds=[seed], arch="cpu_demo", log=log)
-    state = {k[len("encoder."):]: v for k, v in load_file(str(out / "train" / f"seed_{seed}" /
-                                                                "model.safetensors")).items()
-             if k.startswith("encoder.")}
-    write_backbone(path, state, load_config("cpu_demo"), "supervised-control", iterations)
-    return path
 
 
 def main() -> None:
@@ -92,8 +76,8 @@ def main() -> None:
 
     starts = {"random init": "random"}
     t = time.perf_counter()
-    starts["supervised control"] = str(control_backbone(control_data, args.out / "control", args.control_iterations,
-                                                        0, args.workers, log))
+    starts["supervised control"] = str(supervised_control(control_data, args.out / "control",
+                                                          args.control_iterations, log))
     times["control"] = time.perf_counter() - t
     if args.loca_epochs:
         t = time.perf_counter()

@@ -112,7 +112,8 @@ def run_demo(out: Path, quick: bool = False, fmnist_dir=None, control: Optional[
         t = time.perf_counter()
         log(f"[3/{stages}] supervised control: the same ViT trained with the labels of {size.control_scenes} "
             f"scenes of its own for {size.control_iterations} iterations -> {out / 'control'}")
-        specs["supervised control"] = str(supervised_control(control_data, out / "control", size, quick, log))
+        control_path = supervised_control(control_data, out / "control", size.control_iterations, log, quick)
+        specs["supervised control"] = str(control_path)
         timings["supervised control"] = time.perf_counter() - t
 
     seg = seg_config("cpu_demo", [f"iterations={size.finetune_iterations}"] + (["log_every=10"] if quick else []))
@@ -150,20 +151,20 @@ def run_demo(out: Path, quick: bool = False, fmnist_dir=None, control: Optional[
     return report
 
 
-def supervised_control(data: Path, out: Path, size: DemoSize, quick: bool, log) -> Path:
+def supervised_control(data: Path, out: Path, iterations: int, log, quick: bool = False) -> Path:
     """The positive control: a Segmenter trained from random init on labelled scenes that share no item with
     the validation scenes; its encoder is the start. It shows whether the benchmark can detect a pretrained
     start at all: if this does not beat random init, no LOCA claim can be made at this budget."""
     from safetensors.torch import load_file
     path = out / "backbone.safetensors"
     if not path.exists():
-        seg = seg_config("cpu_demo", [f"iterations={size.control_iterations}", "checkpoint_every=250"]
+        seg = seg_config("cpu_demo", [f"iterations={iterations}", "checkpoint_every=250"]
                          + (["log_every=10"] if quick else ["log_every=100"]))
         finetune("random", str(data), out / "train", seg, seeds=[0], arch="cpu_demo", log=log)
         state = {k[len("encoder."):]: v for k, v in load_file(str(out / "train" / "seed_0" /
                                                                     "model.safetensors")).items()
                  if k.startswith("encoder.")}
-        write_backbone(path, state, load_config("cpu_demo"), "supervised-control", size.control_iterations)
+        write_backbone(path, state, load_config("cpu_demo"), "supervised-control", iterations)
     return path
 
 
