@@ -22,12 +22,10 @@ from .config import load_config
 from .finetune import finetune, probe
 from .metrics import compare_seeds, mean_std
 from .plots import plot_curves, plot_demo, plot_pretraining
-from .scenes import SceneRecipe, build_fmnist_scenes
+from .scenes import BENCHMARK_RECIPE, SceneRecipe, build_fmnist_scenes, built_recipe
 from .segment import seg_config
 from .train import pretrain
 
-# The regime, chosen by the supervised control's margin over random init (docs/benchmarks.md, "Regime search").
-RECIPE = SceneRecipe(size=96, items=(1, 3), item_scale=(0.4, 0.7), classes="coarse")
 NOISE_STDS, NOISE_POINTS = 3.0, 2.0   # a difference counts when >= 3 pooled seed stds and >= 2 mIoU points
 
 
@@ -44,7 +42,7 @@ class DemoSize:
     control_scenes: int        # labelled scenes of the supervised control (training items, another seed)
     control_iterations: int
     eval_images: int           # held-out images for the position accuracy
-    recipe: SceneRecipe = RECIPE
+    recipe: SceneRecipe = BENCHMARK_RECIPE  # chosen by the supervised control (docs/benchmarks.md)
 
 
 FULL = DemoSize(train=2000, val=500, pretrain=5000, pretrain_epochs=5, pretrain_max_steps=0,
@@ -60,15 +58,18 @@ def _slug(name: str) -> str:
     return name.replace(" ", "_")
 
 
-def _data_ready(root: Path, counts: Dict[str, int]) -> bool:
+def _data_ready(root: Path, counts: Dict[str, int], recipe: SceneRecipe) -> bool:
+    """A finished build of this recipe (an interrupted one, or another recipe's folder, is rebuilt)."""
     found = {sub: len(list((root / sub).glob("*.png"))) if (root / sub).exists() else 0 for sub in counts}
-    return (root / "classes.txt").exists() and found == counts
+    built = built_recipe(root)
+    return (root / "classes.txt").exists() and found == counts and built is not None and \
+        built["recipe"] == recipe.to_dict()
 
 
 def _build(root: Path, train: int, val: int, pretrain_count: int, seed: int, size: DemoSize, fmnist_dir, log):
     counts = {"img_dir/train": train, "ann_dir/train": train, "img_dir/val": val, "ann_dir/val": val,
               "pretrain": pretrain_count}
-    if not _data_ready(root, counts):
+    if not _data_ready(root, counts, size.recipe):
         shutil.rmtree(root, ignore_errors=True)
         build_fmnist_scenes(root, size.recipe.size, train, val, pretrain_count, seed, fmnist_dir, log=log,
                             recipe=size.recipe)

@@ -53,14 +53,15 @@ def test_reproduce_smoke_runs_shares_pretrainings_and_resumes(tmp_path, capsys):
     out = tmp_path / "repro"
     assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--only", "tab1,tab2b"]) == 0
     report = (out / "reproduction.md").read_text()
-    assert "| variant | mIoU | position accuracy (%) |" in report
+    assert "| variant | mIoU | frozen probe mIoU | position accuracy (%) |" in report
+    assert "Benchmark: the demo's (4 coarse classes, 1-3 items at 0.4-0.7 of the 96 px side)" in report
     assert "Tab. 1: localization loss" in report and "| box coordinates (UP-DETR) |" in report and "| 39.0 |" in report
     assert "Tab. 2b" in report and "Verdict" in report and "Fig. 3" not in report
     assert "![tab1](plots/tab1.png)" in report and (out / "plots" / "tab1.png").stat().st_size > 0
     runs = sorted(p.name for p in (out / "pretrain").iterdir())
     assert len(runs) == 6 and "loca_default" in runs     # 3 position-only localizations; patch (default), cls, gap
     row = json.loads((out / "results" / "tab1" / "all_patch_positions.json").read_text())
-    assert len(row["miou"]) == 1 and 0 <= row["position_accuracy"] <= 1
+    assert len(row["miou"]) == 1 and 0 <= row["position_accuracy"] <= 1 and 0 <= row["probe"] <= 100
     # a second call finds every result cached and redoes nothing
     stamp = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")}
     assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--only", "tab1,tab2b"]) == 0
@@ -69,10 +70,15 @@ def test_reproduce_smoke_runs_shares_pretrainings_and_resumes(tmp_path, capsys):
     assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--report-only"]) == 0
     full = (out / "reproduction.md").read_text()
     assert "Fig. 3" in full and "| box coordinates (UP-DETR) |" in full and "| K=16 | — |" in full
-    assert "| LOCA 1/8 | — | 34.4 |" in full and "| random init 1/8 | — | — |" in full  # the paper has no random row
+    assert "| LOCA 1/8 | — | 34.4 |" in full and "| random init 1/32 | — | — |" in full  # the paper has no random row
     assert full.count("Verdict (mIoU ordering against the paper's): not run yet.") == 8  # all but tab1, tab2b
     assert sorted(p.name for p in (out / "pretrain").iterdir()) == runs
     assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")} == stamp
+    # results of another benchmark (an older release's folder) are never mixed into this suite's
+    recipe_file = out / "data" / "recipe.json"
+    recipe_file.write_text(recipe_file.read_text().replace('"coarse"', '"fmnist"'))
+    assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--only", "tab1"]) == 1
+    assert f"{out / 'data'}: built with another scene recipe" in capsys.readouterr().err
     assert main(["reproduce", "--out", str(tmp_path / "none"), "--report-only"]) == 1
     assert "nothing has been run" in capsys.readouterr().err
     assert main(["reproduce", "--suite", "smoke", "--out", str(out), "--only", "tab9"]) == 1
@@ -137,3 +143,23 @@ def test_reproduce_judges_the_orderings_fig3_and_fig4_state_without_numbers(tmp_
     results["fig4"]["eta=1"]["miou"] = [11.4, 11.5]   # eta = 1 best: the "too much masking hurts" claim fails
     assert "Verdict (mIoU ordering against the paper's): not reproduced." in write_report(
         tmp_path, [fig4], results, {}, SMALL)
+
+
+def test_reproduce_probe_verdict_needs_and_uses_the_pretraining_seed_spread(tmp_path):
+    """The frozen probe has no seed of its own, so its ordering is judged only against the spread of the
+    reseeded pretrainings' probes (the `seeds` rows), and a gap within that spread is inconclusive."""
+    from loca.reproduce import EXPERIMENTS, SMALL, write_report
+    chosen = [e for e in EXPERIMENTS if e.key in ("tab3", "seeds")]
+    tab3, seeds = (next(e for e in chosen if e.key == k) for k in ("tab3", "seeds"))
+    results = {"tab3": {"random init": {"miou": [26.5, 26.6], "probe": 19.7},
+                        "LOCA": {"miou": [26.8, 26.9], "probe": 21.0}}}
+    text = write_report(tmp_path, chosen, results, {}, SMALL)
+    assert "Verdict (frozen-probe ordering): needs the `seeds` rows" in text
+    spread = {v.name: {"miou": [26.8, 26.9], "probe": p} for v, p in zip(seeds.variants, (20.5, 21.0, 21.5))}
+    results["seeds"] = spread                                           # probe std over pretrainings 0.50
+    text = write_report(tmp_path, chosen, results, {}, SMALL)
+    assert ("Verdict (frozen-probe ordering): reproduced in direction (a gap must exceed the pretraining-seed "
+            "std of the probe, 0.50).") in text                      # 21.0 - 19.7 = 1.3 > 0.50
+    assert "Frozen probe: mean 21.00, std over the pretrainings 0.50 mIoU." in text
+    results["tab3"]["LOCA"]["probe"] = 20.0                            # 0.3 < 0.50
+    assert "Verdict (frozen-probe ordering): inconclusive" in write_report(tmp_path, chosen, results, {}, SMALL)
