@@ -196,6 +196,8 @@ def main(argv=None) -> int:
                                "runs/demo/data", formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_backbone_flags(pr)
     pr.add_argument("--json", default=None, metavar="FILE", help="also write the scores to FILE")
+    pr.add_argument("--seed", type=int, default=0,
+                    help="draws the weights of --backbone random (the fit itself is deterministic; default 0)")
     pr.add_argument("--multilabel", action="store_true",
                     help="frozen multi-label classification instead (paper Fig. 4): which classes does each image "
                          "contain, from the mean patch token; mAP")
@@ -381,7 +383,7 @@ def main(argv=None) -> int:
                     from .analysis import multilabel_probe
                     scores = multilabel_probe(args.backbone, args.data, cfg, args.arch, args.weights)
                 else:
-                    scores = probe(args.backbone, args.data, cfg, args.arch, args.weights)
+                    scores = probe(args.backbone, args.data, cfg, args.arch, args.weights, seed=args.seed)
                 if args.json:
                     Path(args.json).write_text(json.dumps(scores, indent=1))
         elif args.command == "evaluate-position":

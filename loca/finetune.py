@@ -534,15 +534,18 @@ def linear_probe(vit: nn.Module, train: SegSplit, val: SegSplit, cfg: SegConfig,
 
 
 def probe(backbone: str, data_root: str, cfg: SegConfig, arch: str = "cpu_demo", weights: Optional[str] = None,
-          max_train: int = 2000, log=print) -> Dict:
+          max_train: int = 2000, seed: int = 0, log=print) -> Dict:
+    """The frozen linear probe of a backbone spec. ``seed`` draws the weights of a ``random`` backbone (the fit
+    itself is deterministic); without it a random start's probe would depend on whatever ran before."""
     data = open_segmentation(data_root)
+    torch.manual_seed(seed)
     vit, _, identity = build_backbone(backbone, 0.0, arch, weights)
     vit = vit.to(resolve_device(cfg.device))
     train = data.train.subset(range(min(max_train, len(data.train))))
     t0 = time.perf_counter()
     scores = linear_probe(vit, train, data.val, cfg)
     scores.update(backbone=identity, seconds=round(time.perf_counter() - t0, 1), train_images=len(train),
-                  val_images=len(data.val), classes=data.classes)
+                  val_images=len(data.val), classes=data.classes, seed=seed)
     log(f"linear probe mIoU {scores['miou']:.2f} (pixel accuracy {scores['pixel_accuracy']:.2f}) of "
         f"{identity['spec']} on {data.root}: {len(train)} training, {len(data.val)} validation images, "
         f"{scores['seconds']:.0f} s")

@@ -353,7 +353,7 @@ def plot_curves(series: dict[str, tuple[list[float], list[float]]], out_png: Pat
     _save_figure(plt, fig, out_png)
 
 
-def plot_demo(finetuned: dict[str, list[float]], probe: dict[str, float], position: dict[str, float],
+def plot_demo(finetuned: dict[str, list[float]], probe: dict[str, list[float]], position: dict[str, float],
               chance: float | None, out_png: PathLike, finetune_title: str = "fine-tuned mIoU (%)") -> None:
     """The demo's evidence in one figure: per start (random init, LOCA, the supervised control) the fine-tuned
     mIoU (bar = mean, dots = seeds, error bar = std), the frozen linear probe's mIoU, and the pretext task's
@@ -372,9 +372,14 @@ def plot_demo(finetuned: dict[str, list[float]], probe: dict[str, float], positi
     axes[0].bar_label(bars, labels=[f"{m:.1f}" for m, _ in stats], label_type="center")
     axes[0].set_title(finetune_title, fontsize=10)
     probe_labels = [k for k in labels if k in probe]
-    bars = axes[1].bar(np.arange(len(probe_labels)), [probe[k] for k in probe_labels],
+    probe_stats = [_mean_std(probe[k]) for k in probe_labels]
+    bars = axes[1].bar(np.arange(len(probe_labels)), [m for m, _ in probe_stats],
+                       yerr=[s for _, s in probe_stats], capsize=4,
                        color=[colours[labels.index(k)] for k in probe_labels])
-    axes[1].bar_label(bars, labels=[f"{probe[k]:.1f}" for k in probe_labels], label_type="center")
+    for i, k in enumerate(probe_labels):
+        if len(probe[k]) > 1:
+            axes[1].scatter(i + np.linspace(-0.15, 0.15, len(probe[k])), probe[k], color="black", s=12, zorder=3)
+    axes[1].bar_label(bars, labels=[f"{m:.1f}" for m, _ in probe_stats], label_type="center")
     axes[1].set_xticks(np.arange(len(probe_labels)), probe_labels)
     axes[1].set_title("frozen linear probe mIoU (%)", fontsize=10)
     pos_labels = [k for k in labels if k in position]

@@ -35,6 +35,11 @@ def test_demo_quick(tmp_path, capsys):
                for s in summary["sentences"]) == 3
     assert 0 <= summary["position_accuracy"] <= 1 and summary["chance"] == pytest.approx(1 / 64)
     assert set(summary["probe_miou"]) == {"random init", "LOCA", "supervised control"}
+    # random init's probe has one value per initialisation seed, each from its own seeded start
+    assert len(summary["probe_miou"]["random init"]) == 3 and len(summary["probe_miou"]["LOCA"]) == 1
+    seeds = [json.loads((out / "probe" / f"random_init_seed{s}.json").read_text())["seed"] for s in range(3)]
+    assert seeds == [0, 1, 2]
+    assert any(s.startswith("Frozen probe: LOCA − random init") for s in summary["sentences"])
     for path in ("plots/evidence.png", "plots/pretraining.png", "plots/finetune_loss.png", "pictures/positions.png",
                  "pictures/clusters.png", "control/backbone.safetensors"):
         assert (out / path).stat().st_size > 0, path
