@@ -51,7 +51,9 @@ def main() -> None:
     ap.add_argument("--at", default="390,780,1170", help="intermediate steps to score")
     ap.add_argument("--finished", action="append", default=[], metavar="STEPS=BACKBONE",
                     help="also score a finished pretraining of STEPS steps")
-    ap.add_argument("--random-from", type=Path, help="regime_search summary.json with random init's figures")
+    ap.add_argument("--random-from", type=Path,
+                    help="regime_search summary.json with random init's fine-tuning figures (its probe is redone "
+                         "here with initialisation seeds 0-2)")
     ap.add_argument("--fraction", type=float, default=0.05)
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=3)
@@ -84,16 +86,19 @@ def main() -> None:
         starts[f"finished {int(steps)}"] = (int(steps), Path(path), "finished")
 
     seg = seg_config("cpu_demo", [f"iterations={args.iterations}", "log_every=100", "checkpoint_every=100000"])
-    if args.random_from:
-        r = json.loads(args.random_from.read_text())["results"]["random init"]
-        curve["random init"] = {"probe_miou": r["probe_miou"], "finetune_miou": r["finetune_miou"],
-                                "source": str(args.random_from)}
-    elif "random init" not in curve:
-        p = probe("random", str(args.data), seg, log=log)
-        ft = finetune("random", str(args.data), args.out / "ft_random", seg, seeds=range(args.seeds),
-                      fraction=args.fraction, log=log)
-        curve["random init"] = {"probe_miou": p["miou"], "finetune_miou": [r["miou"] for r in ft["runs"]]}
+    if "random init" not in curve:
+        if args.random_from:
+            r = json.loads(args.random_from.read_text())["results"]["random init"]
+            curve["random init"] = {"finetune_miou": r["finetune_miou"], "source": str(args.random_from)}
+        else:
+            ft = finetune("random", str(args.data), args.out / "ft_random", seg, seeds=range(args.seeds),
+                          fraction=args.fraction, log=log)
+            curve["random init"] = {"finetune_miou": [r["miou"] for r in ft["runs"]]}
+        curve["random init"]["probe_seeds"] = [probe("random", str(args.data), seg, seed=s, log=log)["miou"]
+                                               for s in range(args.seeds)]
+        curve_file.write_text(json.dumps(curve, indent=1))
     rand = curve["random init"]
+    rand_probe = mean_std(rand["probe_seeds"])[0]
     for name, (step, path, kind) in starts.items():
         if name not in curve["points"]:
             t = time.perf_counter()
@@ -108,7 +113,7 @@ def main() -> None:
         v = compare_seeds(pt["finetune_miou"], rand["finetune_miou"], 3.0, 2.0)
         m, s = mean_std(pt["finetune_miou"])
         print(f"{name:16s} fine-tuned {m:6.2f} ± {s:.2f}  - random {v['difference']:+.2f} = {v['in_stds']:5.1f} "
-              f"pooled stds  probe {pt['probe_miou']:6.2f} ({pt['probe_miou'] - rand['probe_miou']:+.2f})",
+              f"pooled stds  probe {pt['probe_miou']:6.2f} ({pt['probe_miou'] - rand_probe:+.2f})",
               flush=True)
     curve_file.write_text(json.dumps(curve, indent=1))
 
