@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -39,6 +40,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def output_folder(out: Path):
+    """Create ``out`` for a command; if the command fails before writing anything there (a start-up check),
+    remove the folder again, so a mistyped flag leaves no empty run folder behind."""
+    out = Path(out)
+    existed = out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        if not existed:
+            try:
+                out.rmdir()  # only succeeds while it is empty
+            except OSError:
+                pass
+        raise
+
+
+def _default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through ``write(tmp)`` into a temporary file beside it, fsync it, rename it over
     ``path``, fsync the folder: a crash at any moment leaves either the old file or the complete new one."""
@@ -46,6 +72,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
+        os.chmod(tmp, _default_file_mode())  # safetensors creates its files 0600; every output reads like the rest
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import __version__
 from .config import DEFAULT_PRESET, PRESETS, ConfigError, load_config
 
 EPILOG_PRETRAIN = f"""\
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
         prog="loca", description="LOCA: location-aware self-supervised pretraining of Vision Transformers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `loca COMMAND --help` for each command's options and examples.")
+    parser.add_argument("--version", action="version", version=f"loca {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("pretrain", help="pretrain a ViT with LOCA", epilog=EPILOG_PRETRAIN,
@@ -305,9 +307,12 @@ def main(argv=None) -> int:
                        description="Build data sets that need no download.")
     dsub = d.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     fm = dsub.add_parser("fmnist-scenes", formatter_class=argparse.RawDescriptionHelpFormatter,
-                         help="Fashion-MNIST items on real photos: an 11-class segmentation benchmark",
+                         help="Fashion-MNIST items on real photos: the segmentation benchmark of `loca demo`",
                          description="Real Fashion-MNIST items pasted through their exact silhouettes onto crops "
-                                     "of the real photos bundled with scikit-image (11 classes: background + 10). "
+                                     "of the real photos bundled with scikit-image. The defaults build the "
+                                     "benchmark of `loca demo` and `loca reproduce` (4 coarse classes + "
+                                     "background, 1-3 items at 0.4-0.7 of the side); earlier releases' scenes: "
+                                     "--items 2,4 --item-scale 0.25,0.5 --classes fmnist. "
                                      "Train scenes use training items, val scenes test items. Writes "
                                      "DIR/img_dir/{train,val}, DIR/ann_dir/{train,val}, DIR/classes.txt and the "
                                      "unlabelled DIR/pretrain/ for `loca pretrain --data DIR/pretrain`.",
@@ -322,11 +327,12 @@ def main(argv=None) -> int:
     fm.add_argument("--split-backgrounds", action="store_true",
                     help="draw validation backgrounds from photos never used in training (a domain shift; default: "
                          "all splits share the 12 photos, items stay split by Fashion-MNIST's train/test)")
-    fm.add_argument("--items", default="2,4", metavar="MIN,MAX", help="items per scene (default 2,4)")
-    fm.add_argument("--item-scale", default="0.25,0.5", metavar="LO,HI",
-                    help="item side as a fraction of the scene side (default 0.25,0.5)")
-    fm.add_argument("--classes", choices=["fmnist", "coarse"], default="fmnist",
-                    help="fmnist: the 10 item classes; coarse: 4 (top, trouser, footwear, bag)")
+    fm.add_argument("--items", default="1,3", metavar="MIN,MAX", help="items per scene (default 1,3)")
+    fm.add_argument("--item-scale", default="0.4,0.7", metavar="LO,HI",
+                    help="item side as a fraction of the scene side (default 0.4,0.7)")
+    fm.add_argument("--classes", choices=["fmnist", "coarse"], default="coarse",
+                    help="coarse (default): 4 classes merged by shape (top, trouser, footwear, bag); fmnist: the "
+                         "10 item classes")
     fm.add_argument("--fmnist-dir", default=None, metavar="DIR",
                     help="folder with the four Fashion-MNIST idx files (default: Debian's "
                          "/usr/share/datasets/fashion-mnist)")

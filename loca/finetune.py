@@ -382,12 +382,12 @@ def finetune(backbone: str, data_root: str, out: Path, cfg: SegConfig, seeds: Op
              fraction: float = 1.0, fold: int = 0, lr_sweep: Sequence[float] = (), arch: str = "cpu_demo",
              weights: Optional[str] = None, max_steps: Optional[int] = None, log=print) -> Dict:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     data = open_segmentation(data_root)
     classes = data.classes
     train = data.train.subset(fewshot_indices(len(data.train), fraction, fold))
     seeds = list(seeds) if seeds is not None else list(range(cfg.num_seeds))
     _, encoder_meta, identity = build_backbone(backbone, cfg.drop_path, arch, weights)  # fails early on bad files
+    out.mkdir(parents=True, exist_ok=True)  # only once the checks passed: a failed start leaves no empty folder
 
     def make_model() -> Segmenter:
         return Segmenter(build_backbone(backbone, cfg.drop_path, arch, weights)[0], len(classes))

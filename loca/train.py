@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .checkpoint import export_backbone, load_latest_checkpoint, remove_partial_files, save_run_checkpoint
+from .checkpoint import (export_backbone, load_latest_checkpoint, output_folder, remove_partial_files,
+                         save_run_checkpoint)
 from .config import Config, dump_config
 from .data import LOCADataset, ShardStream, StepBatchSampler, build_source, collate, is_shard_pattern
 from .distributed import World, world_from_env
@@ -107,7 +108,7 @@ def pretrain(cfg: Config, data: Optional[str], out: Path, log=print) -> Dict:
     if not world.main:
         log = _quiet
     try:
-        with StopRequest() as stop_request:
+        with StopRequest() as stop_request, output_folder(out):
             return _pretrain(cfg, data, out, log, world, device, stop_request)
     finally:
         distributed.shutdown()

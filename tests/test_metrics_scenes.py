@@ -70,9 +70,12 @@ def test_fmnist_scenes_layout_and_labels(tmp_path, fake_fmnist):
     assert len(list((out / "ann_dir" / "val").glob("*.png"))) == 3
     assert len(list((out / "pretrain").glob("*.png"))) == 4 and not (out / "ann_dir" / "pretrain").exists()
     assert (out / "classes.txt").read_text().splitlines()[0] == "background"
-    from loca.scenes import SceneRecipe, built_recipe
-    assert built_recipe(out) == {"recipe": SceneRecipe(size=48).to_dict(), "seed": 0, "train": 6, "val": 3,
-                                 "pretrain": 4}                  # what a consumer checks before reusing the folder
+    from dataclasses import replace
+
+    from loca.scenes import BENCHMARK_RECIPE, built_recipe
+    assert built_recipe(out) == {"recipe": replace(BENCHMARK_RECIPE, size=48).to_dict(), "seed": 0, "train": 6,
+                                 "val": 3, "pretrain": 4}    # the demo's benchmark by default, recorded for reuse
+    assert (out / "classes.txt").read_text().split() == ["background", "top", "trouser", "footwear", "bag"]
     assert built_recipe(tmp_path) is None
     for i in range(6):
         img = np.array(Image.open(out / "img_dir" / "train" / f"{i:06d}.png"))

@@ -202,3 +202,16 @@ def test_released_head_name_output_projection_is_accepted(official_model):
                                      model.state_dict())
     assert missing == []
     assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_missing_official_fixture_skips_in_a_clone_and_fails_under_ci(tmp_path, monkeypatch):
+    import conftest
+    monkeypatch.setattr(conftest, "FIXTURES", tmp_path)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="absent"):
+        conftest.fixture_path("tiny_checkpoint_0")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="under CI it must be there"):
+        conftest.fixture_path("tiny_checkpoint_0")
+    (tmp_path / "tiny_checkpoint_0").write_bytes(b"")
+    assert conftest.fixture_path("tiny_checkpoint_0") == tmp_path / "tiny_checkpoint_0"

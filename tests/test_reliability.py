@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from stat import S_IMODE
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,18 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path):
         atomic_write(path, disk_full)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]   # no temporary file left behind
+
+
+def test_written_files_get_the_mode_of_any_new_file(tmp_path):
+    """safetensors creates its files 0600, so backbone.safetensors was private while config.yaml beside it was
+    not; every atomic write now gets the mode a plain open() gives under the umask."""
+    from safetensors.torch import save_file
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
+    atomic_write(tmp_path / "w.pt", lambda tmp: torch.save({"a": 1}, tmp))
+    want = S_IMODE(plain.stat().st_mode)
+    assert [S_IMODE((tmp_path / n).stat().st_mode) for n in ("w.safetensors", "w.pt")] == [want, want]
 
 
 def test_keeps_n_checkpoints_and_falls_back_when_the_newest_is_damaged(tmp_path):

@@ -141,6 +141,14 @@ def test_cli_pretrain_and_errors(tmp_path, capsys):
     assert main(["pretrain", "--config", "cpu_tiny", "--data", str(tmp_path / "nothing"),
                  "--out", str(tmp_path / "y")]) == 1
     assert "no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()   # a failed start leaves no folder
+    assert main(["pretrain", "--config", "cpu_tiny", "--out", str(tmp_path / "z"), "run.builtin_images=4",
+                 "optim.batch_size=8", "--workers", "0"]) == 1
+    assert "optim.batch_size=8 is larger than the data set" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
+    assert main(["finetune", "--backbone", str(tmp_path / "none.safetensors"), "--data", str(tmp_path),
+                 "--out", str(tmp_path / "ft")]) == 1
+    assert not (tmp_path / "ft").exists()
     assert main(["config", "--config", "cpu_demo", "optim.lr=5e-4"]) == 0
     assert "lr: 0.0005" in capsys.readouterr().out
     with pytest.raises(SystemExit):                                   # convert-official takes no overrides
@@ -153,6 +161,9 @@ def test_cli_pretrain_and_errors(tmp_path, capsys):
 def test_cli_help_runs_as_a_console_script():
     out = subprocess.run([sys.executable, "-m", "loca", "pretrain", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "examples:" in out.stdout and "cpu_demo" in out.stdout
+    import loca
+    out = subprocess.run([sys.executable, "-m", "loca", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"loca {loca.__version__}"
 
 
 def test_pretrain_on_a_folder_reports_skipped_files(tmp_path, capsys):
