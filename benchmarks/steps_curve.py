@@ -10,6 +10,11 @@ seeded, so the figures are the ones this script would get).
 
     python benchmarks/steps_curve.py --data /tmp/regime/A/data --out /tmp/curve --steps 1560 --at 390,780,1170 \\
         --random-from /tmp/regime/A/summary.json --finished 390=/tmp/regime/A/loca/backbone.safetensors
+
+or, extending a finished full ``loca demo --out runs/demo`` (its data, its random init rows and its LOCA as the
+finished point of the demo's length, all read from runs/demo/report.json):
+
+    python benchmarks/steps_curve.py --demo runs/demo --out /tmp/curve --steps 1560 --at 390,780,1170
 Writes OUT/curve.json and prints one line per point.
 """
 from __future__ import annotations
@@ -45,7 +50,10 @@ def export_step(run: Path, step: int, target: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, type=Path, help="a scenes folder (pretrain/, img_dir/, ann_dir/)")
+    ap.add_argument("--data", type=Path, help="a scenes folder (pretrain/, img_dir/, ann_dir/)")
+    ap.add_argument("--demo", type=Path, help="a finished full `loca demo --out DIR`: its data, random init and LOCA "
+                                              "rows (the same evaluation, seeded, so the figures this script "
+                                              "would get)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--steps", type=int, default=1560, help="length of the pretraining (its whole schedule)")
     ap.add_argument("--at", default="390,780,1170", help="intermediate steps to score")
@@ -59,6 +67,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
+    if (args.data is None) == (args.demo is None):
+        ap.error("pass exactly one of --data and --demo")
     args.out.mkdir(parents=True, exist_ok=True)
     curve_file = args.out / "curve.json"
     curve = json.loads(curve_file.read_text()) if curve_file.exists() else {"points": {}}
@@ -68,17 +78,34 @@ def main() -> None:
         log_file.write(f"{msg}\n")
         log_file.flush()
 
+    if args.demo:
+        args.data = args.demo / "data"
+        demo = json.loads((args.demo / "report.json").read_text())
+        if demo.get("quick"):
+            raise SystemExit(f"{args.demo}: a --quick demo (tiny sizes); the curve needs the full one")
+        steps = [json.loads(x)["step"] for x in (args.demo / "pretrain" / "metrics.jsonl").read_text().splitlines()
+                 if x.strip()][-1]
+        curve.setdefault("random init", {"finetune_miou": demo["finetune_miou"]["random init"],
+                                         "probe_seeds": demo["probe_miou"]["random init"],
+                                         "source": str(args.demo / "report.json")})
+        curve["points"].setdefault(f"finished {steps}", {
+            "steps": steps, "kind": "finished", "backbone": str(args.demo / "pretrain" / "backbone.safetensors"),
+            "probe_miou": demo["probe_miou"]["LOCA"][0], "finetune_miou": demo["finetune_miou"]["LOCA"],
+            "source": str(args.demo / "report.json")})
     run = args.out / "loca"
     t = time.perf_counter()
+    at = [int(s) for s in args.at.split(",") if s]
     if not (run / "backbone.safetensors").exists():
         images = len(list((args.data / "pretrain").glob("*.png")))
         epochs = math.ceil(args.steps * args.batch / images)
+        # a checkpoint at every --at step (epoch ends are saved too)
         cfg = load_config("cpu_demo", [f"optim.epochs={epochs}", f"run.max_steps={args.steps}", "run.log_every=25",
+                                       f"run.checkpoint_every={math.gcd(*at) if at else 500}",
                                        "run.keep_checkpoints=1000"])
         pretrain(cfg, str(args.data / "pretrain"), run, log=log)
         curve["pretrain_seconds"] = time.perf_counter() - t
     starts = {}
-    for step in [int(s) for s in args.at.split(",") if s]:
+    for step in at:
         starts[f"prefix {step}"] = (step, export_step(run, step, args.out / f"step_{step}.safetensors"), "prefix")
     starts[f"finished {args.steps}"] = (args.steps, run / "backbone.safetensors", "finished")
     for item in args.finished:
@@ -109,11 +136,21 @@ def main() -> None:
                                      "finetune_miou": [r["miou"] for r in ft["runs"]],
                                      "seconds": time.perf_counter() - t}
             curve_file.write_text(json.dumps(curve, indent=1))
-        pt = curve["points"][name]
+
+    def train_log(folder: Path):
+        return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+    for name, pt in sorted(curve["points"].items(), key=lambda kv: (kv[1]["steps"], kv[1]["kind"])):
         v = compare_seeds(pt["finetune_miou"], rand["finetune_miou"], 3.0, 2.0)
         m, s = mean_std(pt["finetune_miou"])
+        # the pretext task's accuracy on training batches, last 3 logs up to that step (a finished run's own log)
+        own = Path(pt["backbone"]).parent
+        rows = train_log(own if pt["kind"] == "finished" and (own / "metrics.jsonl").exists() else run)
+        near = [r["position_accuracy"] for r in rows if "position_accuracy" in r and r["step"] <= pt["steps"]][-3:]
+        pt["train_position_accuracy"] = sum(near) / len(near) if near else None
         print(f"{name:16s} fine-tuned {m:6.2f} ± {s:.2f}  - random {v['difference']:+.2f} = {v['in_stds']:5.1f} "
-              f"pooled stds  probe {pt['probe_miou']:6.2f} ({pt['probe_miou'] - rand_probe:+.2f})",
+              f"pooled stds  probe {pt['probe_miou']:6.2f} ({pt['probe_miou'] - rand_probe:+.2f})  "
+              f"position accuracy (training log) {pt['train_position_accuracy'] or float('nan'):.3f}",
               flush=True)
     curve_file.write_text(json.dumps(curve, indent=1))
 
