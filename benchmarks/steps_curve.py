@@ -29,6 +29,7 @@ from loca.checkpoint import checkpoint_history, load_checkpoint, write_backbone
 from loca.config import Config, apply_nested, load_config
 from loca.finetune import finetune, probe
 from loca.metrics import compare_seeds, mean_std
+from loca.plots import read_metrics
 from loca.segment import seg_config
 from loca.train import pretrain
 
@@ -83,8 +84,7 @@ def main() -> None:
         demo = json.loads((args.demo / "report.json").read_text())
         if demo.get("quick"):
             raise SystemExit(f"{args.demo}: a --quick demo (tiny sizes); the curve needs the full one")
-        steps = [json.loads(x)["step"] for x in (args.demo / "pretrain" / "metrics.jsonl").read_text().splitlines()
-                 if x.strip()][-1]
+        steps = read_metrics(args.demo / "pretrain" / "metrics.jsonl")[-1]["step"]
         curve.setdefault("random init", {"finetune_miou": demo["finetune_miou"]["random init"],
                                          "probe_seeds": demo["probe_miou"]["random init"],
                                          "source": str(args.demo / "report.json")})
@@ -137,20 +137,19 @@ def main() -> None:
                                      "seconds": time.perf_counter() - t}
             curve_file.write_text(json.dumps(curve, indent=1))
 
-    def train_log(folder: Path):
-        return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
-
     for name, pt in sorted(curve["points"].items(), key=lambda kv: (kv[1]["steps"], kv[1]["kind"])):
         v = compare_seeds(pt["finetune_miou"], rand["finetune_miou"], 3.0, 2.0)
         m, s = mean_std(pt["finetune_miou"])
         # the pretext task's accuracy on training batches, last 3 logs up to that step (a finished run's own log)
         own = Path(pt["backbone"]).parent
-        rows = train_log(own if pt["kind"] == "finished" and (own / "metrics.jsonl").exists() else run)
+        rows = read_metrics((own if pt["kind"] == "finished" and (own / "metrics.jsonl").exists() else run)
+                            / "metrics.jsonl")
         near = [r["position_accuracy"] for r in rows if "position_accuracy" in r and r["step"] <= pt["steps"]][-3:]
         pt["train_position_accuracy"] = sum(near) / len(near) if near else None
+        acc = float("nan") if pt["train_position_accuracy"] is None else pt["train_position_accuracy"]
         print(f"{name:16s} fine-tuned {m:6.2f} ± {s:.2f}  - random {v['difference']:+.2f} = {v['in_stds']:5.1f} "
               f"pooled stds  probe {pt['probe_miou']:6.2f} ({pt['probe_miou'] - rand_probe:+.2f})  "
-              f"position accuracy (training log) {pt['train_position_accuracy'] or float('nan'):.3f}",
+              f"position accuracy (training log) {acc:.3f}",
               flush=True)
     curve_file.write_text(json.dumps(curve, indent=1))
 
